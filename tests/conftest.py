@@ -1,0 +1,48 @@
+"""Shared fixtures. Tiers: unit tests (fast, fakes of the same interfaces), `engine` tests
+(a real vLLM engine on the embedded model), end-to-end tests over real HTTP."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may come from a model hub
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def embedded_model() -> Path:
+    from vbon.models import prepare_embedded
+
+    return prepare_embedded(ROOT / "models")
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier(tmp_path_factory: pytest.TempPathFactory, embedded_model: Path) -> Path:
+    """A randomly initialised 2-label Llama sequence classifier, with the embedded tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(embedded_model)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        num_labels=2,
+        id2label={0: "NEGATIVE", 1: "POSITIVE"},
+        label2id={"NEGATIVE": 0, "POSITIVE": 1},
+        pad_token_id=tok.eos_token_id,
+    )
+    model = LlamaForSequenceClassification(cfg)
+    out = tmp_path_factory.mktemp("tiny-classifier")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
