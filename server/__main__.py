@@ -1,0 +1,41 @@
+"""`python -m server`: start the gateway with settings from VBON_* variables (and .env)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import uvicorn
+
+from server.app import create_app
+from server.settings import ServerSettings
+from vbon.errors import ConfigError
+from vbon.settings import load_settings
+
+
+def main() -> int:
+    try:
+        settings = load_settings(ServerSettings)
+        # Fail on a bad model path or reward name before the engine starts loading.
+        settings.resolved_model()
+        from vbon.rewards import load_reward  # noqa: F401  (import errors surface here)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    app = create_app(settings)
+    # timeout_graceful_shutdown: on SIGTERM, in-flight requests get this long to finish.
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=int(settings.request_timeout_s),
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

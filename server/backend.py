@@ -1,0 +1,297 @@
+"""The generation backend the serving logic talks to: the in-process vLLM AsyncLLM, or a fake
+with the same interface for fast API tests.
+
+The serving code sees only `GenerationBackend`; the engine is created in the app's lifespan
+(`start`) and reached through app.state, never at import time."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from vbon.sampling import Sampling
+
+logger = logging.getLogger(__name__)
+
+
+class EngineUnavailable(Exception):
+    """The engine is not started, has died, or cannot take requests (-> 503)."""
+
+
+@dataclass(frozen=True)
+class LoraRef:
+    """A LoRA adapter version: a new version always gets a new id, so weights are never
+    reloaded in place under an id that requests in flight still use."""
+
+    name: str
+    lora_id: int
+    path: str
+
+
+@dataclass
+class Sample:
+    text: str
+    tokens: int
+    cumulative_logprob: float | None
+    finish_reason: str | None
+
+
+@dataclass
+class Generation:
+    prompt_tokens: int
+    samples: list[Sample] = field(default_factory=list)
+
+
+@dataclass
+class Delta:
+    """One streamed piece of a single sample; the last one has finish_reason set."""
+
+    text: str
+    tokens: int
+    finish_reason: str | None = None
+    cumulative_logprob: float | None = None
+
+
+class GenerationBackend(Protocol):
+    model_path: str
+    max_model_len: int
+
+    async def start(self) -> None: ...
+    async def shutdown(self) -> None: ...
+    def ready(self) -> bool: ...
+    def error(self) -> str | None: ...
+    def count_tokens(self, text: str) -> int: ...
+    def render_chat(self, messages: list[dict[str, str]]) -> str: ...
+    async def generate(
+        self, prompt: str, sampling: Sampling, n: int, request_id: str, lora: LoraRef | None = None
+    ) -> Generation: ...
+    def stream(
+        self, prompt: str, sampling: Sampling, request_id: str, lora: LoraRef | None = None
+    ) -> AsyncIterator[Delta]: ...
+    async def running_requests(self) -> int: ...
+
+
+class VLLMBackend:
+    """vLLM's AsyncLLM in this process (its engine core runs in a child process)."""
+
+    def __init__(self, settings: Any) -> None:
+        self._settings = settings
+        self.model_path = ""
+        self.max_model_len = settings.max_model_len
+        self._engine: Any = None
+        self._tokenizer: Any = None
+        self._running: set[str] = set()
+
+    async def start(self) -> None:
+        from vbon.engine import build_async_engine
+
+        self.model_path = self._settings.resolved_model()
+        # Building the engine blocks for ~40 s; keep the event loop (and /health) responsive.
+        self._engine = await asyncio.to_thread(build_async_engine, self._settings, self.model_path)
+        self._tokenizer = self._engine.tokenizer or await self._engine.get_tokenizer()
+
+    async def shutdown(self) -> None:
+        if self._engine is not None:
+            self._engine.shutdown()
+            self._engine = None
+
+    def ready(self) -> bool:
+        return self._engine is not None and not self._engine.errored
+
+    def error(self) -> str | None:
+        if self._engine is None:
+            return "engine not started"
+        if self._engine.errored:
+            return "engine died; restart the server"
+        return None
+
+    def _engine_or_raise(self) -> Any:
+        if self._engine is None:
+            raise EngineUnavailable("the engine is still loading; retry shortly")
+        if self._engine.errored:
+            raise EngineUnavailable("the engine has died; the server must be restarted")
+        return self._engine
+
+    def count_tokens(self, text: str) -> int:
+        return len(self._tokenizer.encode(text, add_special_tokens=False))
+
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        from vbon.prompts import render_chat
+
+        return render_chat(self._tokenizer, messages)
+
+    def _lora(self, lora: LoraRef | None) -> Any:
+        if lora is None:
+            return None
+        from vllm.lora.request import LoRARequest
+
+        return LoRARequest(lora.name, lora.lora_id, lora.path)
+
+    async def generate(
+        self, prompt: str, sampling: Sampling, n: int, request_id: str, lora: LoraRef | None = None
+    ) -> Generation:
+        from vllm.sampling_params import RequestOutputKind
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        from vbon.sampling import vllm_params
+
+        engine = self._engine_or_raise()
+        params = vllm_params(sampling, n=n, output_kind=RequestOutputKind.FINAL_ONLY)
+        final = None
+        self._running.add(request_id)
+        try:
+            # Cancelling this coroutine (client gone, timeout) makes vLLM abort the request.
+            async for out in engine.generate(
+                prompt, params, request_id, lora_request=self._lora(lora)
+            ):
+                final = out
+        except EngineDeadError as exc:
+            raise EngineUnavailable("the engine has died; the server must be restarted") from exc
+        finally:
+            self._running.discard(request_id)
+        if final is None:  # pragma: no cover - vLLM always yields a final output
+            raise EngineUnavailable("the engine returned no output")
+        samples = [
+            Sample(
+                text=c.text,
+                tokens=len(c.token_ids),
+                cumulative_logprob=c.cumulative_logprob,
+                finish_reason=c.finish_reason,
+            )
+            for c in sorted(final.outputs, key=lambda c: c.index)
+        ]
+        return Generation(prompt_tokens=len(final.prompt_token_ids or []), samples=samples)
+
+    async def stream(
+        self, prompt: str, sampling: Sampling, request_id: str, lora: LoraRef | None = None
+    ) -> AsyncIterator[Delta]:
+        from vllm.sampling_params import RequestOutputKind
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        from vbon.sampling import vllm_params
+
+        engine = self._engine_or_raise()
+        params = vllm_params(sampling, n=1, output_kind=RequestOutputKind.DELTA)
+        self._running.add(request_id)
+        try:
+            async for out in engine.generate(
+                prompt, params, request_id, lora_request=self._lora(lora)
+            ):
+                c = out.outputs[0]
+                yield Delta(
+                    text=c.text,
+                    tokens=len(c.token_ids),
+                    finish_reason=c.finish_reason,
+                    cumulative_logprob=c.cumulative_logprob,
+                )
+        except EngineDeadError as exc:
+            raise EngineUnavailable("the engine has died; the server must be restarted") from exc
+        finally:
+            self._running.discard(request_id)
+
+    async def load_lora(self, lora: LoraRef) -> None:
+        """Load an adapter version into the engine now, so a bad one fails at install time
+        rather than on a user's request."""
+        await self._engine_or_raise().add_lora(self._lora(lora))
+
+    async def running_requests(self) -> int:
+        if self._engine is None:
+            return 0
+        return int(self._engine.get_num_unfinished_requests())
+
+
+class FakeBackend:
+    """Same interface, no model: deterministic words from a seeded RNG. For API tests only;
+    the same paths are covered against the real engine by the integration tests."""
+
+    WORDS = ("good", "bad", "great", "awful", "fine", "film", "plot", "wonderful", "boring", "ok")
+
+    def __init__(self, delay_s: float = 0.0, max_model_len: int = 1024) -> None:
+        self.model_path = "fake-model"
+        self.max_model_len = max_model_len
+        self.delay_s = delay_s
+        self.started = False
+        self.dead = False
+        self.running: set[str] = set()
+        self.calls: list[dict[str, Any]] = []
+
+    async def start(self) -> None:
+        self.started = True
+
+    async def shutdown(self) -> None:
+        self.started = False
+
+    def ready(self) -> bool:
+        return self.started and not self.dead
+
+    def error(self) -> str | None:
+        return None if self.ready() else "engine not started" if not self.started else "dead"
+
+    def count_tokens(self, text: str) -> int:
+        return len(text.split())
+
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        return "".join(f"<{m['role']}>{m['content']}\n" for m in messages) + "<assistant>"
+
+    def _sample(self, prompt: str, sampling: Sampling, seed: int | None) -> Sample:
+        rng = random.Random(f"{prompt}|{seed}" if seed is not None else None)
+        k = rng.randint(1, sampling.max_tokens)
+        words = [rng.choice(self.WORDS) for _ in range(k)]
+        return Sample(
+            " ".join(words), k, -float(k), "length" if k == sampling.max_tokens else "stop"
+        )
+
+    def _check(self) -> None:
+        if not self.started or self.dead:
+            raise EngineUnavailable(
+                "the engine has died; the server must be restarted"
+                if self.dead
+                else "the engine is still loading"
+            )
+
+    async def generate(
+        self, prompt: str, sampling: Sampling, n: int, request_id: str, lora: LoraRef | None = None
+    ) -> Generation:
+        self._check()
+        self.calls.append({"prompt": prompt, "sampling": sampling, "n": n, "lora": lora})
+        self.running.add(request_id)
+        try:
+            if self.delay_s:
+                await asyncio.sleep(self.delay_s)
+            self._check()
+            seeds = [None if sampling.seed is None else sampling.seed + i for i in range(n)]
+            return Generation(
+                prompt_tokens=self.count_tokens(prompt),
+                samples=[self._sample(prompt, sampling, s) for s in seeds],
+            )
+        finally:
+            self.running.discard(request_id)
+
+    async def stream(
+        self, prompt: str, sampling: Sampling, request_id: str, lora: LoraRef | None = None
+    ) -> AsyncIterator[Delta]:
+        self._check()
+        self.calls.append({"prompt": prompt, "sampling": sampling, "n": 1, "lora": lora})
+        sample = self._sample(prompt, sampling, sampling.seed)
+        words = sample.text.split(" ")
+        self.running.add(request_id)
+        try:
+            for i, w in enumerate(words):
+                if self.delay_s:
+                    await asyncio.sleep(self.delay_s / len(words))
+                last = i == len(words) - 1
+                yield Delta(
+                    (" " if i else "") + w,
+                    1,
+                    sample.finish_reason if last else None,
+                    sample.cumulative_logprob if last else None,
+                )
+        finally:
+            self.running.discard(request_id)
+
+    async def running_requests(self) -> int:
+        return len(self.running)

@@ -1,0 +1,17 @@
+"""Admin routes (need VBON_ADMIN_KEY): install new adapters now instead of at the next poll."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+
+from server.routers.common import get_gateway
+from server.serving import Gateway
+
+router = APIRouter(tags=["admin"])
+
+
+@router.post("/admin/adapters/reload")
+async def reload_adapters(gateway: Gateway = Depends(get_gateway)) -> dict:
+    """Scan the adapters folder; returns what was installed, removed and refused."""
+    changes = await gateway.registry.scan()
+    return {**changes, "adapters": [v.name for v in gateway.registry.all()]}

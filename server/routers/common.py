@@ -1,0 +1,56 @@
+"""What every router needs: the gateway from app.state, and running a handler so that a
+client that goes away aborts its engine request."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable
+from typing import TypeVar
+
+from fastapi import Request
+
+from server.errors import APIError
+from server.serving import Gateway
+
+T = TypeVar("T")
+
+
+def get_gateway(request: Request) -> Gateway:
+    gateway: Gateway | None = getattr(request.app.state, "gateway", None)
+    if gateway is None or not gateway.backend.ready():
+        reason = gateway.backend.error() if gateway is not None else "starting"
+        raise APIError(503, f"not ready: {reason}; retry shortly", headers={"Retry-After": "5"})
+    return gateway
+
+
+class ClientDisconnected(Exception):
+    pass
+
+
+async def until_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def abort_on_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`, cancelling it (which aborts the engine request) if the client leaves."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(until_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        gateway: Gateway | None = getattr(request.app.state, "gateway", None)
+        if gateway is not None:
+            gateway.metrics.disconnects.inc()
+        raise ClientDisconnected
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()

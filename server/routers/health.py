@@ -1,0 +1,52 @@
+"""Liveness, readiness and metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/health")
+async def health() -> dict[str, str]:
+    """The process is alive (no auth, no engine check)."""
+    return {"status": "ok"}
+
+
+@router.get("/ready")
+async def ready(request: Request) -> JSONResponse:
+    """200 when the engine and reward model are loaded; 503 otherwise, with the reason."""
+    state = request.app.state
+    gateway = getattr(state, "gateway", None)
+    if gateway is None:
+        error = getattr(state, "startup_error", None) or "starting: loading engine and reward"
+        return JSONResponse({"ready": False, "reason": error}, status_code=503)
+    engine_error = gateway.backend.error()
+    body = {
+        "ready": engine_error is None,
+        "engine": {
+            "ok": engine_error is None,
+            "error": engine_error,
+            "model": gateway.model_name,
+            "path": gateway.backend.model_path,
+        },
+        "reward": {"ok": True, **gateway.reward.describe()},
+        "adapters": [
+            {"name": v.name, "version": v.version, "n": v.meta.n, "method": v.meta.method}
+            for v in gateway.registry.all()
+        ],
+        "refused_adapters": gateway.registry.refused_reasons(),
+        "samples_in_flight": gateway.budget.in_flight,
+    }
+    return JSONResponse(body, status_code=200 if engine_error is None else 503)
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    registry = request.app.state.metrics.registry
+    gateway = getattr(request.app.state, "gateway", None)
+    if gateway is not None:
+        request.app.state.metrics.adapters.set(len(gateway.registry.all()))
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

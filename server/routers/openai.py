@@ -1,0 +1,259 @@
+"""OpenAI-compatible routes: /v1/models, /v1/completions, /v1/chat/completions.
+
+`model` picks what answers: the base model, BoN ('bon' with best_of, or 'bon-<N>'), or a vBoN
+adapter (its name, 'vbon' for the default, 'vbon-<N>' for the adapter trained for N)."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import StreamingResponse
+
+from server.adapter_registry import AdapterVersion
+from server.errors import APIError, error_body
+from server.openai_protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+    _OpenAIBase,
+)
+from server.routers.common import abort_on_disconnect, get_gateway
+from server.serving import Gateway, new_id
+from vbon.bon import kl_bound
+
+router = APIRouter(tags=["openai"])
+BON_RE = re.compile(r"^bon-(\d+)$")
+VBON_RE = re.compile(r"^vbon-(\d+)$")
+DEFAULT_BON_N = 8
+
+
+@dataclass
+class Target:
+    kind: str  # "base" | "bon" | "vbon"
+    n: int  # samples to draw
+    adapter: AdapterVersion | None = None
+
+
+def resolve_target(gateway: Gateway, req: _OpenAIBase) -> Target:
+    model, best_of = req.model, req.best_of
+    if model == gateway.model_name:
+        n = best_of or req.n
+        return Target("bon" if best_of and best_of > 1 else "base", n)
+    if model == "bon" or BON_RE.match(model):
+        m = BON_RE.match(model)
+        n = int(m.group(1)) if m else (best_of or DEFAULT_BON_N)
+        if m and best_of and best_of != n:
+            raise APIError(
+                400,
+                f"model '{model}' means best_of={n}; drop best_of or make it {n}",
+                param="best_of",
+            )
+        if n < req.n:
+            raise APIError(
+                400, f"model '{model}' draws {n} samples, fewer than n={req.n}", param="n"
+            )
+        return Target("bon", n)
+    try:
+        if model == "vbon":
+            adapter = gateway.registry.default()
+        elif m := VBON_RE.match(model):
+            adapter = gateway.registry.for_n(int(m.group(1)))
+        else:
+            adapter = gateway.registry.get(model)
+    except (LookupError, ValueError):
+        names = [c.id for c in list_models(gateway).data]
+        raise APIError(
+            404,
+            f"the model '{model}' does not exist; served: {names}",
+            param="model",
+            code="model_not_found",
+        ) from None
+    n = best_of or req.n
+    return Target("vbon", n, adapter)
+
+
+def list_models(gateway: Gateway) -> ModelList:
+    now = int(time.time())
+    cards = [
+        ModelCard(id=gateway.model_name, created=now, kind="base"),
+        ModelCard(id="bon", created=now, kind="bon", n=DEFAULT_BON_N, parent=gateway.model_name),
+    ]
+    for n in (4, 8, 16, 32):
+        if n <= gateway.settings.max_n:
+            cards.append(
+                ModelCard(id=f"bon-{n}", created=now, kind="bon", n=n, parent=gateway.model_name)
+            )
+    for v in gateway.registry.all():
+        cards.append(
+            ModelCard(
+                id=v.name,
+                created=now,
+                kind="vbon",
+                n=v.meta.n,
+                beta=v.meta.beta,
+                parent=gateway.model_name,
+            )
+        )
+    return ModelList(data=cards)
+
+
+@router.get("/v1/models", response_model=ModelList)
+async def models(gateway: Gateway = Depends(get_gateway)) -> ModelList:
+    return list_models(gateway)
+
+
+async def _choices(
+    gateway: Gateway, req: _OpenAIBase, prompt: str, target: Target, route: str
+) -> tuple[list[dict], int, int, dict | None]:
+    """(choices, prompt tokens, completion tokens, bon info) for one prompt."""
+    sampling = req.sampling()
+    gateway.check_limits(prompt, sampling, target.n)
+    lora = target.adapter.ref if target.adapter else None
+    if target.kind == "bon" or (req.best_of or 1) > 1:
+        scored = await gateway.best_of(prompt, sampling, target.n, route, lora)
+        gen = scored.generation
+        picked = scored.order[: req.n]
+        choices = [
+            {
+                "text": gen.samples[i].text,
+                "finish_reason": gen.samples[i].finish_reason,
+                "reward": scored.rewards[i],
+            }
+            for i in picked
+        ]
+        info = {"n": target.n, "kl_bound": kl_bound(target.n)}
+    else:
+        gen = await gateway.generate(prompt, sampling, target.n, route, lora)
+        choices = [{"text": s.text, "finish_reason": s.finish_reason} for s in gen.samples]
+        info = None
+    completion = sum(s.tokens for s in gen.samples)
+    return choices, gen.prompt_tokens, completion, info
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def _stream(
+    gateway: Gateway, req: _OpenAIBase, prompt: str, target: Target, chat: bool
+) -> StreamingResponse:
+    sampling = req.sampling()
+    gateway.check_limits(prompt, sampling, 1)
+    rid = new_id("chatcmpl" if chat else "cmpl")
+    created = int(time.time())
+    obj = "chat.completion.chunk" if chat else "text_completion"
+    lora = target.adapter.ref if target.adapter else None
+    route = "/v1/chat/completions" if chat else "/v1/completions"
+
+    def chunk(text: str | None, finish: str | None, first: bool = False) -> str:
+        if chat:
+            delta: dict = {}
+            if first:
+                delta["role"] = "assistant"
+            if text:
+                delta["content"] = text
+            choice = {"index": 0, "delta": delta, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+        return (
+            "data: "
+            + json.dumps(
+                {
+                    "id": rid,
+                    "object": obj,
+                    "created": created,
+                    "model": req.model,
+                    "choices": [choice],
+                }
+            )
+            + "\n\n"
+        )
+
+    async def events() -> AsyncIterator[str]:
+        if chat:
+            yield chunk(None, None, first=True)
+        try:
+            async for d in gateway.stream_sample(prompt, sampling, route, lora):
+                yield chunk(d.text, d.finish_reason)
+        except APIError as exc:
+            yield "data: " + json.dumps(error_body(exc.status, exc.message)) + "\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+@router.post("/v1/completions")
+async def completions(
+    body: CompletionRequest, request: Request, gateway: Gateway = Depends(get_gateway)
+):
+    target = resolve_target(gateway, body)
+    if body.stream:
+        return _stream(gateway, body, body.prompts()[0], target, chat=False)
+
+    async def work() -> dict:
+        choices, p_tok, c_tok, info = [], 0, 0, None
+        for prompt in body.prompts():
+            cs, p, c, info = await _choices(gateway, body, prompt, target, "/v1/completions")
+            for ch in cs:
+                ch.update(index=len(choices), logprobs=None)
+                choices.append(ch)
+            p_tok, c_tok = p_tok + p, c_tok + c
+        out = {
+            "id": new_id("cmpl"),
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": body.model,
+            "choices": choices,
+            "usage": _usage(p_tok, c_tok),
+        }
+        if info:
+            out["bon"] = info
+        return out
+
+    return await abort_on_disconnect(request, work())
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(
+    body: ChatCompletionRequest, request: Request, gateway: Gateway = Depends(get_gateway)
+):
+    target = resolve_target(gateway, body)
+    prompt = gateway.backend.render_chat([m.model_dump() for m in body.messages])
+    if body.stream:
+        return _stream(gateway, body, prompt, target, chat=True)
+
+    async def work() -> dict:
+        cs, p, c, info = await _choices(gateway, body, prompt, target, "/v1/chat/completions")
+        choices = [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": ch["text"]},
+                "finish_reason": ch["finish_reason"],
+                "logprobs": None,
+                **({"reward": ch["reward"]} if "reward" in ch else {}),
+            }
+            for i, ch in enumerate(cs)
+        ]
+        out = {
+            "id": new_id("chatcmpl"),
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": body.model,
+            "choices": choices,
+            "usage": _usage(p, c),
+        }
+        if info:
+            out["bon"] = info
+        return out
+
+    return await abort_on_disconnect(request, work())

@@ -1,0 +1,56 @@
+"""POST /v1/vbon: one sample from a distilled vBoN policy (a LoRA adapter)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import StreamingResponse
+
+from server.errors import APIError, error_body
+from server.protocol import VBoNRequest, VBoNResponse
+from server.routers.common import abort_on_disconnect, get_gateway
+from server.serving import Gateway, new_id
+
+router = APIRouter(tags=["vbon"])
+
+
+def sse(data: dict | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
+@router.post("/v1/vbon", response_model=VBoNResponse, response_model_exclude_none=False)
+async def vbon(body: VBoNRequest, request: Request, gateway: Gateway = Depends(get_gateway)):
+    if not body.stream:
+        return await abort_on_disconnect(request, gateway.vbon(body))
+    adapter = gateway.resolve_adapter(body.adapter, body.n)
+    prompt = gateway.render(body)
+    sampling = body.sampling()
+    gateway.check_limits(prompt, sampling, 1)
+    # Admission happens before the stream starts, so a busy server still answers 429.
+    gateway.budget.check(1)
+    rid = new_id("vbon")
+    info = gateway.adapter_info(adapter).model_dump()
+
+    async def events() -> AsyncIterator[str]:
+        text = []
+        try:
+            async for d in gateway.stream_sample(prompt, sampling, "/v1/vbon", adapter.ref):
+                text.append(d.text)
+                chunk = {
+                    "id": rid,
+                    "object": "vbon.chunk",
+                    "adapter": info,
+                    "text": d.text,
+                    "finish_reason": d.finish_reason,
+                }
+                if d.finish_reason is not None and body.score:
+                    chunk["reward"] = (await gateway.score(prompt, ["".join(text)]))[0]
+                yield sse(chunk)
+        except APIError as exc:
+            yield sse(error_body(exc.status, exc.message, exc.param, exc.code))
+        yield sse("[DONE]")
+
+    # Starlette cancels the generator when the client disconnects, which aborts the request.
+    return StreamingResponse(events(), media_type="text/event-stream")

@@ -1,0 +1,305 @@
+"""Serving logic behind the routes: prompt rendering, limits, admission, generation, scoring,
+ranking, logging. Routers stay thin; this module holds what BoN and vBoN mean."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from server.adapter_registry import AdapterRegistry, AdapterVersion
+from server.admission import SampleBudget
+from server.backend import EngineUnavailable, Generation, GenerationBackend, LoraRef
+from server.bon_log import BoNLog
+from server.errors import APIError
+from server.metrics import Metrics
+from server.protocol import (
+    AdapterInfo,
+    BoNRequest,
+    BoNResponse,
+    Candidate,
+    PromptFields,
+    Timings,
+    Usage,
+    VBoNRequest,
+    VBoNResponse,
+)
+from server.settings import ServerSettings
+from vbon.bon import kl_bound
+from vbon.errors import ConfigError
+from vbon.rewards.base import RewardModel
+from vbon.sampling import Sampling
+
+logger = logging.getLogger(__name__)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+@dataclass
+class Scored:
+    """N samples of one prompt, with rewards, ranked best first."""
+
+    generation: Generation
+    rewards: list[float]
+    order: list[int]
+    generation_s: float
+    scoring_s: float
+
+    @property
+    def best(self) -> int:
+        return self.order[0]
+
+
+class Gateway:
+    """Everything the routes need, built in the app's lifespan and kept on app.state."""
+
+    def __init__(
+        self,
+        settings: ServerSettings,
+        backend: GenerationBackend,
+        reward: RewardModel,
+        registry: AdapterRegistry,
+        metrics: Metrics,
+        bon_log: BoNLog | None = None,
+    ) -> None:
+        self.settings = settings
+        self.backend = backend
+        self.reward = reward
+        self.registry = registry
+        self.metrics = metrics
+        self.bon_log = bon_log
+        self.budget = SampleBudget(settings.max_samples_in_flight)
+        name = settings.served_model_name or Path(backend.model_path).name or "base"
+        self.model_name = name
+
+    # -- inputs ---------------------------------------------------------------------------
+    def render(self, fields: PromptFields) -> str:
+        if fields.messages is not None:
+            return self.backend.render_chat([m.model_dump() for m in fields.messages])
+        assert fields.prompt is not None
+        return fields.prompt
+
+    def check_limits(self, prompt_text: str, sampling: Sampling, n: int) -> int:
+        s = self.settings
+        if n > s.max_n:
+            raise APIError(
+                400, f"'n' is {n}; this server allows 1..{s.max_n} (VBON_MAX_N)", param="n"
+            )
+        if sampling.max_tokens > s.max_tokens_limit:
+            raise APIError(
+                400,
+                f"'max_tokens' is {sampling.max_tokens}; this server allows 1.."
+                f"{s.max_tokens_limit} (VBON_MAX_TOKENS_LIMIT)",
+                param="max_tokens",
+            )
+        prompt_tokens = self.backend.count_tokens(prompt_text)
+        if prompt_tokens > s.max_prompt_tokens:
+            raise APIError(
+                400,
+                f"the prompt has {prompt_tokens} tokens; the limit is {s.max_prompt_tokens}: "
+                "shorten it",
+                param="prompt",
+            )
+        if prompt_tokens + sampling.max_tokens > self.backend.max_model_len:
+            raise APIError(
+                400,
+                f"prompt ({prompt_tokens} tokens) + max_tokens ({sampling.max_tokens}) exceeds the "
+                f"model's context of {self.backend.max_model_len} tokens: lower max_tokens to "
+                f"{max(1, self.backend.max_model_len - prompt_tokens)} or shorten the prompt",
+                param="max_tokens",
+            )
+        return prompt_tokens
+
+    def resolve_adapter(self, name: str | None, n: int | None) -> AdapterVersion:
+        try:
+            if name is not None:
+                return self.registry.get(name)
+            if n is not None:
+                return self.registry.for_n(n)
+            return self.registry.default()
+        except ConfigError as exc:
+            raise APIError(400, str(exc), param="adapter") from exc
+        except LookupError as exc:
+            raise APIError(
+                404, str(exc), param="adapter" if name else "n", code="adapter_not_found"
+            ) from exc
+
+    # -- engine calls ---------------------------------------------------------------------
+    async def generate(
+        self, prompt: str, sampling: Sampling, n: int, route: str, lora: LoraRef | None = None
+    ) -> Generation:
+        request_id = new_id("gen")
+        with self.budget.hold(n):
+            self.metrics.samples_in_flight.set(self.budget.in_flight)
+            try:
+                async with asyncio.timeout(self.settings.request_timeout_s):
+                    gen = await self.backend.generate(prompt, sampling, n, request_id, lora)
+            except TimeoutError:
+                raise APIError(
+                    504,
+                    f"generation took longer than {self.settings.request_timeout_s:g} s "
+                    "(VBON_REQUEST_TIMEOUT_S): lower n or max_tokens, or retry",
+                ) from None
+            except EngineUnavailable as exc:
+                raise APIError(503, str(exc), headers={"Retry-After": "5"}) from exc
+            finally:
+                self.metrics.samples_in_flight.set(self.budget.in_flight - n)
+        self.metrics.samples.labels(route).inc(len(gen.samples))
+        self.metrics.tokens.labels(route, "prompt").inc(gen.prompt_tokens)
+        self.metrics.tokens.labels(route, "completion").inc(sum(s.tokens for s in gen.samples))
+        return gen
+
+    async def score(self, prompt: str, completions: list[str]) -> list[float]:
+        try:
+            rewards = await asyncio.to_thread(
+                self.reward.score, [prompt] * len(completions), completions
+            )
+        except Exception as exc:
+            logger.exception("reward model failed")
+            raise APIError(
+                500,
+                f"the reward model failed ({type(exc).__name__}: {exc})",
+                code="reward_model_error",
+            ) from exc
+        if len(rewards) != len(completions):
+            raise APIError(
+                500,
+                "the reward model returned the wrong number of scores",
+                code="reward_model_error",
+            )
+        return [float(r) for r in rewards]
+
+    async def best_of(
+        self, prompt: str, sampling: Sampling, n: int, route: str, lora: LoraRef | None = None
+    ) -> Scored:
+        t0 = time.perf_counter()
+        gen = await self.generate(prompt, sampling, n, route, lora)
+        t1 = time.perf_counter()
+        rewards = await self.score(prompt, [s.text for s in gen.samples])
+        t2 = time.perf_counter()
+        # Highest reward first; ties go to the lower index, so a seeded request is stable.
+        order = sorted(range(len(rewards)), key=lambda i: (-rewards[i], i))
+        self.metrics.reward.labels(route).observe(rewards[order[0]])
+        if self.bon_log is not None and lora is None:
+            self.bon_log.log(prompt, [s.text for s in gen.samples], rewards)
+        return Scored(gen, rewards, order, t1 - t0, t2 - t1)
+
+    # -- routes' logic --------------------------------------------------------------------
+    async def bon(self, req: BoNRequest) -> BoNResponse:
+        t0 = time.perf_counter()
+        prompt = self.render(req)
+        sampling = req.sampling()
+        self.check_limits(prompt, sampling, req.n)
+        scored = await self.best_of(prompt, sampling, req.n, "/v1/bon")
+        gen, best = scored.generation, scored.best
+        seeds = [None if req.seed is None else req.seed + i for i in range(req.n)]
+        candidates = None
+        if req.return_candidates:
+            candidates = [
+                Candidate(
+                    index=i,
+                    rank=rank,
+                    text=gen.samples[i].text,
+                    reward=scored.rewards[i],
+                    tokens=gen.samples[i].tokens,
+                    cumulative_logprob=gen.samples[i].cumulative_logprob,
+                    finish_reason=gen.samples[i].finish_reason,
+                    seed=seeds[i],
+                )
+                for rank, i in enumerate(scored.order, start=1)
+            ]
+        completion_tokens = sum(s.tokens for s in gen.samples)
+        return BoNResponse(
+            id=new_id("bon"),
+            model=self.model_name,
+            n=req.n,
+            text=gen.samples[best].text,
+            reward=scored.rewards[best],
+            index=best,
+            seed=seeds[best],
+            finish_reason=gen.samples[best].finish_reason,
+            kl_bound=kl_bound(req.n),
+            candidates=candidates,
+            usage=Usage(
+                prompt_tokens=gen.prompt_tokens,
+                completion_tokens=completion_tokens,
+                total_tokens=gen.prompt_tokens + completion_tokens,
+            ),
+            timings=Timings(
+                generation_s=scored.generation_s,
+                scoring_s=scored.scoring_s,
+                total_s=time.perf_counter() - t0,
+            ),
+        )
+
+    def adapter_info(self, v: AdapterVersion) -> AdapterInfo:
+        m = v.meta
+        return AdapterInfo(
+            name=v.name,
+            version=v.version,
+            method=m.method,
+            n=m.n,
+            beta=m.beta,
+            base_model=m.base_model,
+            path=str(v.source),
+        )
+
+    async def vbon(self, req: VBoNRequest) -> VBoNResponse:
+        t0 = time.perf_counter()
+        adapter = self.resolve_adapter(req.adapter, req.n)
+        prompt = self.render(req)
+        sampling = req.sampling()
+        self.check_limits(prompt, sampling, 1)
+        gen = await self.generate(prompt, sampling, 1, "/v1/vbon", adapter.ref)
+        t1 = time.perf_counter()
+        sample = gen.samples[0]
+        reward = None
+        if req.score:
+            reward = (await self.score(prompt, [sample.text]))[0]
+            self.metrics.reward.labels("/v1/vbon").observe(reward)
+        t2 = time.perf_counter()
+        return VBoNResponse(
+            id=new_id("vbon"),
+            model=adapter.name,
+            adapter=self.adapter_info(adapter),
+            text=sample.text,
+            reward=reward,
+            seed=req.seed,
+            finish_reason=sample.finish_reason,
+            cumulative_logprob=sample.cumulative_logprob,
+            usage=Usage(
+                prompt_tokens=gen.prompt_tokens,
+                completion_tokens=sample.tokens,
+                total_tokens=gen.prompt_tokens + sample.tokens,
+            ),
+            timings=Timings(generation_s=t1 - t0, scoring_s=t2 - t1, total_s=t2 - t0),
+        )
+
+    async def stream_sample(
+        self, prompt: str, sampling: Sampling, route: str, lora: LoraRef | None = None
+    ) -> AsyncIterator[Any]:
+        """Deltas of one sample; admission and timeout as for generate()."""
+        request_id = new_id("stream")
+        with self.budget.hold(1):
+            self.metrics.samples_in_flight.set(self.budget.in_flight)
+            tokens = 0
+            try:
+                async with asyncio.timeout(self.settings.request_timeout_s):
+                    async for delta in self.backend.stream(prompt, sampling, request_id, lora):
+                        tokens += delta.tokens
+                        yield delta
+            except TimeoutError:
+                raise APIError(504, "generation timed out (VBON_REQUEST_TIMEOUT_S)") from None
+            except EngineUnavailable as exc:
+                raise APIError(503, str(exc)) from exc
+            finally:
+                self.metrics.samples_in_flight.set(self.budget.in_flight - 1)
+        self.metrics.samples.labels(route).inc()
+        self.metrics.tokens.labels(route, "completion").inc(tokens)

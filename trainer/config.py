@@ -1,0 +1,415 @@
+"""The trainer's configuration: one dataclass, every field a flag (`--learning-rate 1e-4`) and a
+key of an optional YAML/JSON config file (`--config recipe.yaml`). Precedence: defaults < file <
+flags. `__post_init__` rejects settings that cannot work, saying how to fix them, before any
+long work starts (the style of TRL's RLOOConfig).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_args
+
+from vbon.bon import beta_for_n, kl_bound
+from vbon.errors import ConfigError
+from vbon.sampling import DEFAULT_MAX_TOKENS
+
+METHODS = ("vbon", "kl-rl", "bon-sft")
+OBJECTIVES = ("bound", "exact")
+DTYPES = ("auto", "float32", "bfloat16")
+
+
+@dataclass
+class TrainConfig:
+    """vBoN distillation (and the paper's baselines) into a LoRA adapter."""
+
+    # --- what to train -------------------------------------------------------------------
+    method: str = field(
+        default="vbon",
+        metadata={
+            "help": "vbon: RL on log F-hat(r(y)) with KL weight 1/(N-1) (the paper); kl-rl: "
+            "KL-regularised RL on the raw reward with KL weight --beta; bon-sft: supervised "
+            "fine-tuning on the best of N base-model samples per prompt.",
+            "choices": METHODS,
+        },
+    )
+    n: int = field(
+        default=8,
+        metadata={"help": "N of the Best-of-N distribution to imitate (vbon, bon-sft); >= 2."},
+    )
+    beta: float | None = field(
+        default=None,
+        metadata={
+            "help": "KL weight against the base model. vbon: 1/(N-1), leave unset; kl-rl: "
+            "required (> 0)."
+        },
+    )
+    objective: str = field(
+        default="bound",
+        metadata={
+            "help": "vbon only. bound: the paper's lower bound, reward log F-hat; exact: the "
+            "exact BoN log-probability log sum_i C(N,i) F^(N-i) p^i (one more forward pass "
+            "per step for the reference log-probability p).",
+            "choices": OBJECTIVES,
+        },
+    )
+    m: int = field(
+        default=16,
+        metadata={
+            "help": "Reference samples per training prompt for F-hat (and the BoN-SFT pool); "
+            ">= N. The paper used ~300; F-hat's resolution is 1/(M+1)."
+        },
+    )
+    # --- inputs ------------------------------------------------------------------------------
+    model: str = field(
+        default="embedded",
+        metadata={
+            "help": "Base model: 'embedded' (SmolLM2-135M-Instruct) or a Hugging Face folder."
+        },
+    )
+    reward: str = field(
+        default="vader",
+        metadata={
+            "help": "Reward: 'vader' or a Hugging Face sequence-classification folder "
+            "('hf:<folder>')."
+        },
+    )
+    prompts: str = field(
+        default="",
+        metadata={
+            "help": 'Training prompt file (JSONL, {"prompt": "..."} per line); default: the '
+            "packaged training openings."
+        },
+    )
+    num_prompts: int = field(
+        default=64,
+        metadata={"help": "Use the first K training prompts (0: all)."},
+    )
+    reference_from: str = field(
+        default="",
+        metadata={
+            "help": 'Take reference samples from this JSONL ({"prompt", "responses", '
+            '"rewards"} per line, as the gateway\'s BoN log writes) instead of sampling them '
+            "with vLLM; its prompts become the training prompts."
+        },
+    )
+    # --- optimisation ------------------------------------------------------------------------
+    steps: int = field(default=60, metadata={"help": "Optimizer steps."})
+    prompts_per_step: int = field(default=4, metadata={"help": "Prompts per optimizer step."})
+    completions_per_prompt: int = field(
+        default=4,
+        metadata={"help": "Rollouts per prompt (RLOO's leave-one-out group size); >= 2."},
+    )
+    learning_rate: float = field(default=2e-4, metadata={"help": "AdamW learning rate."})
+    lr_schedule: str = field(
+        default="constant", metadata={"help": "transformers lr scheduler type (constant, linear, "
+                                               "cosine)."}
+    )
+    warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up steps."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
+    normalize_advantages: bool = field(
+        default=False,
+        metadata={"help": "Divide RLOO advantages by their batch standard deviation."},
+    )
+    max_kl: float | None = field(
+        default=None,
+        metadata={
+            "help": "Stop early when the running mean of the sequence KL to the base (nats, "
+            "over the last --kl-window steps) exceeds this. Default for vbon: 0.9 x BoN-N's "
+            "bound log N - (N-1)/N; none for the baselines. 0 disables."
+        },
+    )
+    kl_window: int = field(
+        default=5, metadata={"help": "Steps averaged for the --max-kl early stop."}
+    )
+    max_train_minutes: float = field(
+        default=0.0,
+        metadata={"help": "Stop training (and publish) after this many minutes; 0: no limit."},
+    )
+    sft_epochs: float = field(default=2.0, metadata={"help": "bon-sft only: epochs."})
+    # --- model / adapter -----------------------------------------------------------------
+    lora_rank: int = field(default=16, metadata={"help": "LoRA rank (the gateway's max 16)."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
+    lora_targets: str = field(
+        default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+        metadata={"help": "Comma-separated module names that get LoRA weights."},
+    )
+    max_tokens: int = field(
+        default=DEFAULT_MAX_TOKENS,
+        metadata={
+            "help": "Max new tokens per completion (reference samples, rollouts and "
+            "evaluation; temperature/top-p/top-k come from vbon.sampling)."
+        },
+    )
+    dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "Training dtype: auto (bfloat16 autocast where the CPU has native bf16 or "
+            "on GPU, else float32), float32, bfloat16 (autocast; LoRA weights stay fp32).",
+            "choices": DTYPES,
+        },
+    )
+    torch_threads: int = field(
+        default=0, metadata={"help": "torch CPU threads for training; 0: all cores."}
+    )
+    # --- output, checkpoints, evaluation -------------------------------------------------
+    output: str = field(
+        default="",
+        metadata={
+            "help": "Adapter folder (its name is the adapter's name at the gateway); default "
+            "adapters/vbon-n{N}, adapters/kl-rl-b{beta}, adapters/bon-sft-n{N}."
+        },
+    )
+    overwrite: bool = field(
+        default=False, metadata={"help": "Replace an existing output folder when done."}
+    )
+    work_dir: str = field(
+        default="runs",
+        metadata={"help": "Checkpoints, logs and the reference cache go under this folder."},
+    )
+    checkpoint_every: int = field(
+        default=10, metadata={"help": "Save a checkpoint every K steps (for --resume)."}
+    )
+    resume: bool = field(
+        default=False,
+        metadata={"help": "Continue from the last checkpoint of the same run (same settings)."},
+    )
+    seed: int = field(default=0, metadata={"help": "Seed for sampling, data order and init."})
+    evaluate: bool = field(
+        default=True,
+        metadata={
+            "help": "After training, evaluate base / trained / BoN-N on held-out prompts with "
+            "vLLM and store the metrics in vbon.json."
+        },
+    )
+    eval_prompts: str = field(
+        default="",
+        metadata={"help": "Held-out prompt file; default: the packaged eval openings."},
+    )
+    eval_num_prompts: int = field(
+        default=64, metadata={"help": "Held-out prompts used by the evaluation (0: all)."}
+    )
+    eval_samples: int = field(
+        default=2,
+        metadata={
+            "help": "Evaluation samples per prompt: the trained policy draws this many, the "
+            "base model this many groups of N (BoN-N = best of each group)."
+        },
+    )
+    config: str = field(
+        default="",
+        metadata={"help": "YAML or JSON file with any of these settings (flags override it)."},
+    )
+
+    def __post_init__(self) -> None:
+        errors: list[str] = []
+        if self.method not in METHODS:
+            errors.append(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.objective not in OBJECTIVES:
+            errors.append(f"--objective must be 'bound' or 'exact', got {self.objective!r}")
+        if self.dtype not in DTYPES:
+            errors.append(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.method in ("vbon", "bon-sft"):
+            if self.n < 2:
+                errors.append(
+                    f"--n must be >= 2 (vBoN's KL weight is 1/(N-1); BoN-1 is the base model), "
+                    f"got {self.n}"
+                )
+            elif self.m < self.n:
+                errors.append(
+                    f"--m ({self.m}) must be >= --n ({self.n}): F-hat for BoN-N needs at least "
+                    "N reference samples per prompt (the paper used ~300); raise --m"
+                )
+        if self.method == "vbon" and self.beta is not None and self.n >= 2:
+            expected = beta_for_n(self.n)
+            if not math.isclose(self.beta, expected, rel_tol=1e-6):
+                errors.append(
+                    f"--beta {self.beta} contradicts vBoN's 1/(N-1) = {expected:.6g} for N="
+                    f"{self.n}: leave --beta unset, or use --method kl-rl for another weight"
+                )
+        if self.method == "kl-rl" and (self.beta is None or self.beta <= 0):
+            errors.append("--method kl-rl needs --beta B > 0 (the KL weight), e.g. --beta 0.1")
+        if self.method == "bon-sft" and self.objective != "bound":
+            errors.append("--objective applies to --method vbon only")
+        positive = {
+            "steps": self.steps,
+            "prompts_per_step": self.prompts_per_step,
+            "max_tokens": self.max_tokens,
+            "lora_rank": self.lora_rank,
+            "lora_alpha": self.lora_alpha,
+            "checkpoint_every": self.checkpoint_every,
+            "eval_samples": self.eval_samples,
+            "kl_window": self.kl_window,
+        }
+        for name, value in positive.items():
+            if value < 1:
+                errors.append(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if self.completions_per_prompt < 2:
+            errors.append(
+                "--completions-per-prompt must be >= 2: RLOO's baseline leaves one out of the "
+                f"group, got {self.completions_per_prompt}"
+            )
+        if self.learning_rate <= 0:
+            errors.append(f"--learning-rate must be > 0, got {self.learning_rate}")
+        if self.num_prompts < 0 or self.eval_num_prompts < 0:
+            errors.append("--num-prompts / --eval-num-prompts must be >= 0 (0: all)")
+        if self.m < 1:
+            errors.append(f"--m must be >= 1, got {self.m}")
+        if not 0 <= self.lora_dropout < 1:
+            errors.append(f"--lora-dropout must lie in [0, 1), got {self.lora_dropout}")
+        if self.max_kl is not None and self.max_kl < 0:
+            errors.append(f"--max-kl must be >= 0 (0 disables), got {self.max_kl}")
+        if self.output:
+            from vbon.adapters import check_name
+
+            try:
+                check_name(Path(self.output).name)
+            except ConfigError as exc:
+                errors.append(f"--output: the folder name is the adapter name; {exc}")
+        if errors:
+            raise ConfigError("invalid trainer settings:\n  - " + "\n  - ".join(errors))
+
+    # --- derived values ----------------------------------------------------------------------
+    @property
+    def kl_weight(self) -> float:
+        if self.method == "vbon":
+            return beta_for_n(self.n)
+        if self.method == "kl-rl":
+            return float(self.beta or 0.0)
+        return 0.0
+
+    @property
+    def kl_stop(self) -> float | None:
+        if self.max_kl is not None:
+            return self.max_kl or None
+        return 0.9 * kl_bound(self.n) if self.method == "vbon" else None
+
+    @property
+    def adapter_name(self) -> str:
+        if self.output:
+            return Path(self.output).name
+        if self.method == "vbon":
+            return f"vbon-n{self.n}" + ("-exact" if self.objective == "exact" else "")
+        if self.method == "kl-rl":
+            return f"kl-rl-b{self.beta:g}"
+        return f"bon-sft-n{self.n}"
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.output) if self.output else Path("adapters") / self.adapter_name
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.work_dir) / self.adapter_name
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    # Settings that define the run: a resumed run must match them. Output/logging/evaluation
+    # choices (and the resume/overwrite switches) may differ between the two invocations.
+    RESUME_IGNORED = (
+        "resume",
+        "overwrite",
+        "config",
+        "evaluate",
+        "eval_prompts",
+        "eval_num_prompts",
+        "eval_samples",
+        "max_train_minutes",
+        "torch_threads",
+        "output",
+    )
+
+    def run_identity(self) -> dict[str, Any]:
+        return {k: v for k, v in self.to_dict().items() if k not in self.RESUME_IGNORED}
+
+
+def stable_hash(data: Any) -> str:
+    text = json.dumps(data, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _parse_bool(text: str) -> bool:
+    low = text.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def _field_type(f: dataclasses.Field) -> type:
+    t = f.type if not isinstance(f.type, str) else eval(f.type)  # noqa: S307 - our own annotations
+    args = [a for a in get_args(t) if a is not type(None)]
+    return args[0] if args else t
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer",
+        description="Train a vBoN LoRA adapter (or a baseline: --method kl-rl / bon-sft) and "
+        "publish it where the gateway serves it. Every flag may also be set in --config FILE.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        argument_default=argparse.SUPPRESS,
+    )
+    defaults = TrainConfig.__dataclass_fields__
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "")
+        default = defaults[f.name].default
+        kind = _field_type(f)
+        kwargs: dict[str, Any] = {"help": f"{help_text} (default: {default!r})"}
+        if "choices" in f.metadata:
+            kwargs["choices"] = f.metadata["choices"]
+        if kind is bool:
+            kwargs.update(nargs="?", const=True, type=_parse_bool)
+        else:
+            kwargs["type"] = kind
+        parser.add_argument(flag, dest=f.name, **kwargs)
+    return parser
+
+
+def load_config_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as exc:
+        raise ConfigError(f"config file '{path}' is not valid YAML/JSON ({exc})") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping of settings")
+    known = {f.name for f in fields(TrainConfig)}
+    normalised = {str(k).replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(normalised) - known)
+    if unknown:
+        raise ConfigError(
+            f"config file '{path}': unknown settings {unknown}; see python -m trainer --help"
+        )
+    return normalised
+
+
+def parse_config(argv: list[str] | None = None) -> TrainConfig:
+    parser = build_parser()
+    ns = vars(parser.parse_args(argv))
+    values: dict[str, Any] = {}
+    if ns.get("config"):
+        values.update(load_config_file(Path(ns["config"])))
+    values.update(ns)
+    try:
+        return TrainConfig(**values)
+    except TypeError as exc:
+        raise ConfigError(f"invalid trainer settings: {exc}") from exc

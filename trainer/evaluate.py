@@ -1,0 +1,219 @@
+"""Held-out evaluation of an adapter against the base model and BoN-N, on one vLLM engine.
+
+Per held-out prompt: the base model draws `samples` groups of N (base reward = mean of all;
+BoN-N = best of each group), the adapter draws `samples` completions (LoRARequest); all under
+vbon.sampling's settings and the gateway's prompt formatting. KL(pi || pi_base) is estimated
+from the adapter's samples as sum_t log pi(y_t) - log pi_base(y_t) with transformers in fp32
+(adapter on / off). Standard errors are across prompts (prompt means), the gain fraction's by
+bootstrap over prompts.
+
+    python -m trainer.evaluate adapters/vbon-n8 [--write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vbon.bon import kl_bound
+from vbon.errors import ConfigError
+from vbon.sampling import Sampling, vllm_params
+
+logger = logging.getLogger(__name__)
+
+
+def mean_se(values: Sequence[float]) -> tuple[float, float]:
+    a = np.asarray(values, dtype=float)
+    if len(a) == 0:
+        return float("nan"), float("nan")
+    se = float(a.std(ddof=1) / math.sqrt(len(a))) if len(a) > 1 else float("nan")
+    return float(a.mean()), se
+
+
+def distinct_2(texts: Sequence[str]) -> float:
+    grams, total = set(), 0
+    for t in texts:
+        words = t.split()
+        pairs = list(zip(words, words[1:], strict=False))
+        grams.update(pairs)
+        total += len(pairs)
+    return len(grams) / total if total else 0.0
+
+
+def summarise(
+    base: list[list[float]],
+    trained: list[list[float]],
+    n: int,
+    kl: list[float],
+    trained_texts: list[str],
+    seed: int = 0,
+) -> dict[str, Any]:
+    """base[p]: the base rewards of prompt p (a multiple of n, in groups of n); trained[p]."""
+    base_a = [np.asarray(b, dtype=float) for b in base]
+    bon = [b.reshape(-1, n).max(axis=1) for b in base_a]
+    base_pm = np.array([b.mean() for b in base_a])
+    bon_pm = np.array([b.mean() for b in bon])
+    tr_pm = np.array([np.mean(t) for t in trained])
+    # Win rate against one base sample of the same prompt (ties count half).
+    wins = []
+    for b, t in zip(base_a, trained, strict=True):
+        for i, r in enumerate(t):
+            o = b[i % len(b)]
+            wins.append(1.0 if r > o else 0.5 if r == o else 0.0)
+
+    def frac(idx: np.ndarray) -> float:
+        denom = bon_pm[idx].mean() - base_pm[idx].mean()
+        return float((tr_pm[idx].mean() - base_pm[idx].mean()) / denom) if denom else float("nan")
+
+    rng = np.random.default_rng(seed)
+    all_idx = np.arange(len(base_pm))
+    boot = [frac(rng.integers(0, len(all_idx), len(all_idx))) for _ in range(2000)]
+    out: dict[str, Any] = {}
+    for key, arr in (("base", base_pm), ("trained", tr_pm), (f"bon{n}", bon_pm)):
+        m, se = mean_se(arr)
+        out[f"reward_{key}"] = round(m, 4)
+        out[f"reward_{key}_se"] = round(se, 4)
+    gain, gain_se = mean_se(tr_pm - base_pm)
+    out["gain_trained"] = round(gain, 4)
+    out["gain_trained_se"] = round(gain_se, 4)
+    out["gain_fraction_of_bon"] = round(frac(all_idx), 4)
+    out["gain_fraction_of_bon_se"] = round(float(np.nanstd(boot, ddof=1)), 4)
+    kl_m, kl_se = mean_se(kl)
+    out["kl_to_base"] = round(kl_m, 4)
+    out["kl_to_base_se"] = round(kl_se, 4)
+    out["kl_bound_bon"] = round(kl_bound(n), 4)
+    wr, wr_se = mean_se(wins)
+    out["win_rate_vs_base"] = round(wr, 4)
+    out["win_rate_vs_base_se"] = round(wr_se, 4)
+    out["distinct_2"] = round(distinct_2(trained_texts), 4)
+    return out
+
+
+def evaluate_adapter(
+    adapter_dir: Path,
+    *,
+    model_path: str,
+    reward: Any,
+    openings: Sequence[str],
+    n: int,
+    samples: int,
+    sampling: Sampling,
+    engine_settings: Any,
+    lora_rank: int = 16,
+    seed: int = 0,
+) -> dict[str, Any]:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    from vllm.lora.request import LoRARequest
+
+    from trainer.logprobs import completion_logprobs
+    from trainer.reference import close_llm
+    from vbon.engine import build_llm
+    from vbon.prompts import render_task
+
+    t0 = time.monotonic()
+    overrides = {}
+    if lora_rank > engine_settings.max_lora_rank:
+        overrides["max_lora_rank"] = lora_rank
+    llm = build_llm(engine_settings, model_path=model_path, **overrides)
+    try:
+        tok = llm.get_tokenizer()
+        texts = [render_task(tok, o) for o in openings]
+        lora = LoRARequest("eval-adapter", 1, str(adapter_dir.resolve()))
+        base_out = llm.generate(texts, vllm_params(sampling, n=n * samples), use_tqdm=False)
+        tr_out = llm.generate(
+            texts, vllm_params(sampling, n=samples), lora_request=lora, use_tqdm=False
+        )
+    finally:
+        close_llm(llm)
+    t_gen = time.monotonic() - t0
+    base_rewards = [
+        reward.score([o] * len(out.outputs), [c.text for c in out.outputs])
+        for o, out in zip(openings, base_out, strict=True)
+    ]
+    tr_rewards = [
+        reward.score([o] * len(out.outputs), [c.text for c in out.outputs])
+        for o, out in zip(openings, tr_out, strict=True)
+    ]
+    prompt_ids, comp_ids, tr_texts = [], [], []
+    for out in tr_out:
+        for c in out.outputs:
+            prompt_ids.append(list(out.prompt_token_ids))
+            comp_ids.append(list(c.token_ids))
+            tr_texts.append(c.text)
+    base_model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base_model, str(adapter_dir))
+    model.eval()
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    lp = completion_logprobs(model, prompt_ids, comp_ids, pad_id=pad)
+    lp_ref = completion_logprobs(model, prompt_ids, comp_ids, pad_id=pad, disable_adapter=True)
+    kl = [a - b for a, b in zip(lp, lp_ref, strict=True)]
+    metrics = summarise(base_rewards, tr_rewards, n, kl, tr_texts, seed=seed)
+    metrics.update(
+        eval_prompts=len(openings),
+        eval_samples_per_prompt=samples,
+        eval_n=n,
+        eval_seconds=round(time.monotonic() - t0, 1),
+        eval_generation_seconds=round(t_gen, 1),
+    )
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    from trainer.job import engine_settings_for, versions
+    from vbon.adapters import META_FILE, validate_adapter, write_json_atomic
+    from vbon.prompts import default_prompt_file, load_prompts
+    from vbon.rewards import load_reward
+
+    parser = argparse.ArgumentParser(prog="python -m trainer.evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("adapter", type=Path, help="adapter folder (with vbon.json)")
+    parser.add_argument("--eval-prompts", default="", help="held-out prompt file (JSONL)")
+    parser.add_argument("--eval-num-prompts", type=int, default=64, help="first K prompts (0: all)")
+    parser.add_argument("--samples", type=int, default=2, help="samples (groups) per prompt")
+    parser.add_argument("--n", type=int, default=0, help="BoN-N to compare (default: the adapter's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--write", action="store_true", help="store the metrics in vbon.json")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        meta = validate_adapter(args.adapter)
+        n = args.n or meta.n or 8
+        if n < 2:
+            raise ConfigError("--n must be >= 2")
+        openings = load_prompts(args.eval_prompts or default_prompt_file("eval"))
+        if args.eval_num_prompts:
+            openings = openings[: args.eval_num_prompts]
+        reward = load_reward(meta.reward)
+        sampling = Sampling(**{k: v for k, v in meta.sampling.items() if k != "stop"}) \
+            if meta.sampling else Sampling()
+        settings = engine_settings_for(meta.base_model)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    metrics = evaluate_adapter(
+        args.adapter, model_path=meta.base_model, reward=reward, openings=openings, n=n,
+        samples=args.samples, sampling=sampling, engine_settings=settings,
+        lora_rank=meta.lora_rank or 16, seed=args.seed,
+    )
+    print(json.dumps(metrics, indent=2))
+    if args.write:
+        data = json.loads((args.adapter / META_FILE).read_text())
+        data.setdefault("metrics", {}).update(metrics)
+        data.setdefault("versions", {}).update(versions())
+        write_json_atomic(args.adapter / META_FILE, data)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
