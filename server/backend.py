@@ -140,7 +140,8 @@ class VLLMBackend:
         from vbon.sampling import vllm_params
 
         engine = self._engine_or_raise()
-        params = vllm_params(sampling, n=n, output_kind=RequestOutputKind.FINAL_ONLY)
+        # logprobs=0: only the sampled tokens' log-probabilities, for cumulative_logprob.
+        params = vllm_params(sampling, n=n, logprobs=0, output_kind=RequestOutputKind.FINAL_ONLY)
         final = None
         self._running.add(request_id)
         try:

@@ -257,9 +257,12 @@ def test_vbon_picks_adapter_by_name_n_or_default(tmp_path: Path) -> None:
 
 def test_vbon_stream_sse(tmp_path: Path) -> None:
     make_fake_adapter(tmp_path / "adapters" / "vbon-n8", n=8)
-    with make_client(tmp_path) as c, c.stream(
-        "POST", "/v1/vbon", json={"prompt": "a", "stream": True, "score": True, "seed": 3}
-    ) as r:
+    with (
+        make_client(tmp_path) as c,
+        c.stream(
+            "POST", "/v1/vbon", json={"prompt": "a", "stream": True, "score": True, "seed": 3}
+        ) as r,
+    ):
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
         events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]

