@@ -16,16 +16,18 @@ from vbon.settings import load_settings
 def main() -> int:
     try:
         settings = load_settings(ServerSettings)
-        # Fail on a bad model path or reward name before the engine starts loading.
+        logging.basicConfig(
+            level=settings.log_level.upper(),
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
+        # Fail on a bad model path or reward before the server starts (and before the engine
+        # spends ~40 s loading); the embedded model is converted here if needed.
         settings.resolved_model()
-        from vbon.rewards import load_reward  # noqa: F401  (import errors surface here)
+        reward = settings.load_reward()
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    app = create_app(settings)
+    app = create_app(settings, reward_factory=lambda s: reward)
     # timeout_graceful_shutdown: on SIGTERM, in-flight requests get this long to finish.
     uvicorn.run(
         app,

@@ -26,54 +26,80 @@ from vbon.rewards.base import RewardModel
 logger = logging.getLogger("server")
 
 
+def default_backend(settings: ServerSettings) -> GenerationBackend:
+    """VBON_BACKEND: 'local' (vLLM in this process) or 'remote' (vLLM servers over HTTP)."""
+    if settings.backend == "remote":
+        from server.remote_backend import RemoteBackend
+
+        return RemoteBackend(settings)
+    return VLLMBackend(settings)
+
+
 def create_app(
     settings: ServerSettings,
-    backend_factory: Callable[[ServerSettings], GenerationBackend] = VLLMBackend,
+    backend_factory: Callable[[ServerSettings], GenerationBackend] = default_backend,
     reward_factory: Callable[[ServerSettings], RewardModel] | None = None,
+    background_load: bool = True,
 ) -> FastAPI:
     metrics = Metrics()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         backend = backend_factory(settings)
-        bon_log = registry = watcher = None
-        try:
-            # Reward first: it is quick and a bad setting should fail before the engine loads.
-            reward = await asyncio.to_thread(
-                reward_factory or (lambda s: s.load_reward()), settings
-            )
-            await backend.start()
-            registry = AdapterRegistry(
-                settings.adapters_dir,
-                settings.max_lora_rank,
-                base_model=backend.model_path,
-                default=settings.default_adapter,
-                backend=backend,
-            )
-            await registry.scan()
-            if settings.bon_log_path is not None:
-                bon_log = BoNLog(
-                    settings.bon_log_path, settings.bon_log_max_bytes, settings.bon_log_backups
+        parts: dict[str, Any] = {}
+
+        async def load() -> None:
+            try:
+                # Reward first: it is quick, and a bad setting should fail before the engine.
+                reward = await asyncio.to_thread(
+                    reward_factory or (lambda s: s.load_reward()), settings
                 )
-            app.state.gateway = Gateway(settings, backend, reward, registry, metrics, bon_log)
-            if settings.adapter_poll_s > 0:
-                watcher = asyncio.create_task(registry.watch(settings.adapter_poll_s))
-            logger.info(
-                "ready: model %s, reward %s, adapters %s",
-                app.state.gateway.model_name,
-                reward.describe(),
-                [v.name for v in registry.all()],
-            )
+                await backend.start()
+                registry = parts["registry"] = AdapterRegistry(
+                    settings.adapters_dir,
+                    settings.max_lora_rank,
+                    base_model=backend.model_path,
+                    default=settings.default_adapter,
+                    backend=backend,
+                )
+                await registry.scan()
+                bon_log = None
+                if settings.bon_log_path is not None:
+                    bon_log = parts["bon_log"] = BoNLog(
+                        settings.bon_log_path, settings.bon_log_max_bytes, settings.bon_log_backups
+                    )
+                app.state.gateway = Gateway(settings, backend, reward, registry, metrics, bon_log)
+                if settings.adapter_poll_s > 0:
+                    parts["watcher"] = asyncio.create_task(registry.watch(settings.adapter_poll_s))
+                logger.info(
+                    "ready: model %s, reward %s, adapters %s",
+                    app.state.gateway.model_name,
+                    reward.describe(),
+                    [v.name for v in registry.all()],
+                )
+            except Exception as exc:
+                app.state.startup_error = f"startup failed: {exc}"
+                logger.exception("startup failed")
+
+        # The engine loads in the background (~40 s on CPU): meanwhile /health answers and
+        # /ready and the API answer 503, as orchestrators expect.
+        loader = asyncio.create_task(load())
+        if not background_load:
+            await loader
+        try:
             yield
         finally:
+            loader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await loader
             app.state.gateway = None
-            if watcher is not None:
-                watcher.cancel()
-            if bon_log is not None:
-                await asyncio.to_thread(bon_log.close)
+            if "watcher" in parts:
+                parts["watcher"].cancel()
+            if "bon_log" in parts:
+                await asyncio.to_thread(parts["bon_log"].close)
             await backend.shutdown()
-            if registry is not None:
-                registry.close()
+            if "registry" in parts:
+                parts["registry"].close()
 
     app = FastAPI(
         title="vbon gateway",
@@ -84,6 +110,7 @@ def create_app(
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.gateway = None
+    app.state.startup_error = None
     install_error_handlers(app)
     for r in (health.router, bon.router, vbon.router, openai.router, admin.router):
         app.include_router(r)

@@ -29,6 +29,7 @@ from server.protocol import (
     VBoNRequest,
     VBoNResponse,
 )
+from server.remote_backend import UpstreamError
 from server.settings import ServerSettings
 from vbon.bon import kl_bound
 from vbon.errors import ConfigError
@@ -149,6 +150,8 @@ class Gateway:
                 ) from None
             except EngineUnavailable as exc:
                 raise APIError(503, str(exc), headers={"Retry-After": "5"}) from exc
+            except UpstreamError as exc:  # remote mode: 502 / 504 naming the upstream
+                raise APIError(exc.status_code, str(exc), code="upstream_error") from exc
             finally:
                 self.metrics.samples_in_flight.set(self.budget.in_flight - n)
         self.metrics.samples.labels(route).inc(len(gen.samples))
@@ -299,6 +302,8 @@ class Gateway:
                 raise APIError(504, "generation timed out (VBON_REQUEST_TIMEOUT_S)") from None
             except EngineUnavailable as exc:
                 raise APIError(503, str(exc)) from exc
+            except UpstreamError as exc:
+                raise APIError(exc.status_code, str(exc), code="upstream_error") from exc
             finally:
                 self.metrics.samples_in_flight.set(self.budget.in_flight - 1)
         self.metrics.samples.labels(route).inc()

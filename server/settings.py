@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import NoDecode
 
 from vbon.settings import CoreSettings
 
 
 class ServerSettings(CoreSettings):
     host: str = Field("127.0.0.1", description="Bind address ('0.0.0.0' in containers).")
-    port: int = Field(8000, ge=1, le=65535)
+    port: int = Field(8000, ge=1, le=65535, description="Port to listen on.")
     api_key: SecretStr | None = Field(
         None, description="Bearer key required on every route but /health."
     )
@@ -42,4 +45,58 @@ class ServerSettings(CoreSettings):
     )
     bon_log_max_bytes: int = Field(100_000_000, ge=1024, description="Rotate the log above this.")
     bon_log_backups: int = Field(5, ge=1, description="Rotated log files kept.")
-    log_level: str = Field("info")
+    log_level: str = Field("info", description="Log level (debug, info, warning, error).")
+    # -- remote mode (VBON_BACKEND=remote): generation on vLLM OpenAI-compatible servers ------
+    backend: Literal["local", "remote"] = Field(
+        "local",
+        description="'local': vLLM in this process; 'remote': send generation to VBON_UPSTREAMS "
+        "(`vllm serve` replicas) and keep only the tokenizer and the reward here.",
+    )
+    upstreams: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Base URLs of the vLLM servers, comma-separated or a JSON list "
+        "(e.g. 'http://vllm-0:8000,http://vllm-1:8000').",
+    )
+    upstream_model: str | None = Field(
+        None,
+        description="Model id the upstreams must serve; default: VBON_MODEL's folder (compared "
+        "by folder name, so the mount points may differ).",
+    )
+    upstream_adapters_dir: Path | None = Field(
+        None,
+        description="Where the upstreams see VBON_ADAPTERS_DIR (the shared adapters volume); "
+        "default: the same path.",
+    )
+    upstream_api_key: SecretStr | None = Field(
+        None, description="Bearer key for the upstreams (`vllm serve --api-key`)."
+    )
+    upstream_timeout_s: float = Field(
+        280.0, gt=0, description="Longest wait for one upstream answer (then 504)."
+    )
+    upstream_connect_timeout_s: float = Field(
+        3.0, gt=0, description="Connect timeout; an upstream that does not connect is skipped."
+    )
+    upstream_health_interval_s: float = Field(
+        5.0, gt=0, description="How often every upstream is health-checked."
+    )
+    upstream_max_connections: int = Field(
+        256, ge=1, description="Pooled HTTP connections to all upstreams together."
+    )
+
+    @field_validator("upstreams", mode="before")
+    @classmethod
+    def _split_upstreams(cls, v: object) -> object:
+        if isinstance(v, str):
+            text = v.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [u for u in text.replace(",", " ").split() if u]
+        return v
+
+    @field_validator("upstreams")
+    @classmethod
+    def _check_upstreams(cls, v: list[str]) -> list[str]:
+        for u in v:
+            if not u.startswith(("http://", "https://")):
+                raise ValueError(f"upstream '{u}' must start with http:// or https://")
+        return [u.rstrip("/") for u in v]

@@ -26,7 +26,7 @@ def make_client(tmp_path: Path, backend: FakeBackend | None = None, **overrides)
         **overrides,
     )
     fake = backend or FakeBackend()
-    app = create_app(settings, backend_factory=lambda s: fake)
+    app = create_app(settings, backend_factory=lambda s: fake, background_load=False)
     return TestClient(app)
 
 
@@ -475,3 +475,41 @@ def test_bon_log_writes_trainer_format(tmp_path: Path) -> None:
     rows = [json.loads(line) for line in log.read_text().splitlines()]
     assert [r["prompt"] for r in rows] == ["p0", "p1", "p2"]
     assert all(len(r["responses"]) == 3 == len(r["rewards"]) for r in rows)
+
+
+def test_while_loading_health_is_200_and_ready_and_api_are_503(tmp_path: Path) -> None:
+    import threading
+
+    release = threading.Event()
+
+    class SlowStart(FakeBackend):
+        async def start(self) -> None:
+            import anyio
+
+            await anyio.to_thread.run_sync(release.wait)
+            await super().start()
+
+    settings = ServerSettings(adapters_dir=tmp_path, adapter_poll_s=0)
+    with TestClient(create_app(settings, backend_factory=lambda s: SlowStart())) as c:
+        assert c.get("/health").status_code == 200
+        assert c.get("/ready").status_code == 503
+        r = c.post("/v1/bon", json={"prompt": "a"})
+        assert r.status_code == 503 and "loading" in r.json()["error"]["message"]
+        release.set()
+        for _ in range(100):
+            if c.get("/ready").status_code == 200:
+                break
+            import time
+
+            time.sleep(0.05)
+        assert c.post("/v1/bon", json={"prompt": "a", "n": 2}).status_code == 200
+
+
+def test_failed_startup_is_reported(tmp_path: Path) -> None:
+    settings = ServerSettings(adapters_dir=tmp_path, adapter_poll_s=0, reward="no-such-reward")
+    with TestClient(
+        create_app(settings, backend_factory=lambda s: FakeBackend(), background_load=False)
+    ) as c:
+        r = c.get("/ready")
+        assert r.status_code == 503 and "unknown reward backend" in r.json()["reason"]
+        assert c.get("/health").status_code == 503

@@ -19,7 +19,11 @@ T = TypeVar("T")
 def get_gateway(request: Request) -> Gateway:
     gateway: Gateway | None = getattr(request.app.state, "gateway", None)
     if gateway is None or not gateway.backend.ready():
-        reason = gateway.backend.error() if gateway is not None else "starting"
+        reason = (
+            gateway.backend.error()
+            if gateway is not None
+            else request.app.state.startup_error or "loading the engine"
+        )
         raise APIError(503, f"not ready: {reason}; retry shortly", headers={"Retry-After": "5"})
     return gateway
 

@@ -10,9 +10,13 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/health")
-async def health() -> dict[str, str]:
-    """The process is alive (no auth, no engine check)."""
-    return {"status": "ok"}
+async def health(request: Request) -> JSONResponse:
+    """Liveness (no auth): 200 while the process works, also while the engine loads; 503 if
+    start-up failed for good, so that an orchestrator restarts it."""
+    error = request.app.state.startup_error
+    if error:
+        return JSONResponse({"status": "failed", "reason": error}, status_code=503)
+    return JSONResponse({"status": "ok"})
 
 
 @router.get("/ready")

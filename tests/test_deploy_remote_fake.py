@@ -1,0 +1,236 @@
+"""Remote mode's routing and error mapping against scripted OpenAI-compatible upstreams
+(httpx.MockTransport), through the real app: fail-over, 502/503/504 naming the upstream,
+runtime LoRA loading and reloading, and the bad-input cases (missing model folder, unreachable
+upstream, an upstream serving another model). The same paths run on a real `vllm serve` in
+tests/test_deploy_remote.py."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from server.app import create_app
+from server.remote_backend import RemoteBackend
+from server.settings import ServerSettings
+from tests.adapters_util import make_fake_adapter
+
+A, B = "http://replica-a:8000", "http://replica-b:8000"
+
+
+class FakeVLLM:
+    """Scripted behaviour per upstream: 'ok', 'down' (connection refused), 'timeout',
+    'error500', 'bad400', 'model:<id>' (serves another model)."""
+
+    def __init__(self, model: str, modes: dict[str, str]) -> None:
+        self.model = model
+        self.modes = modes
+        self.loras: dict[str, set[str]] = {u: set() for u in modes}
+        self.completions: dict[str, int] = {u: 0 for u in modes}
+        self.bodies: list[dict] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        up = f"{request.url.scheme}://{request.url.host}:{request.url.port}"
+        mode = self.modes[up]
+        if mode == "down":
+            raise httpx.ConnectError("connection refused", request=request)
+        path = request.url.path
+        if path == "/health":
+            return httpx.Response(200)
+        if path == "/v1/models":
+            model = mode.split(":", 1)[1] if mode.startswith("model:") else self.model
+            data = [{"id": model, "root": model, "parent": None, "max_model_len": 1024}]
+            data += [{"id": n, "root": "/x", "parent": model} for n in sorted(self.loras[up])]
+            return httpx.Response(200, json={"object": "list", "data": data})
+        body = json.loads(request.content)
+        if path == "/v1/load_lora_adapter":
+            self.loras[up].add(body["lora_name"])
+            return httpx.Response(200, text="ok")
+        assert path == "/v1/completions"
+        self.bodies.append(body)
+        self.completions[up] += 1
+        if mode == "timeout":
+            raise httpx.ReadTimeout("timed out", request=request)
+        if mode == "error500":
+            return httpx.Response(500, json={"error": {"message": "EngineDeadError"}})
+        if mode == "bad400":
+            return httpx.Response(400, json={"error": {"message": "bad sampling"}})
+        if body["model"] != self.model and body["model"] not in self.loras[up]:
+            return httpx.Response(
+                404, json={"error": {"message": f"The model `{body['model']}` does not exist."}}
+            )
+        choices = [
+            {
+                "index": i,
+                "text": f" good film {i}" if i % 2 else f" bad film {i}",
+                "finish_reason": "length",
+                "logprobs": {"token_logprobs": [-0.5, -0.25, -0.25], "tokens": ["a", "b", "c"]},
+            }
+            for i in range(body["n"])
+        ]
+        usage = {"prompt_tokens": 11, "completion_tokens": 3 * body["n"]}
+        return httpx.Response(200, json={"choices": choices, "usage": usage})
+
+
+def make_client(
+    tmp_path: Path, model: Path | str, fake: FakeVLLM, **overrides
+) -> tuple[TestClient, Callable[[], RemoteBackend]]:
+    settings = ServerSettings(
+        backend="remote",
+        upstreams=list(fake.modes),
+        model=str(model),
+        adapters_dir=tmp_path / "adapters",
+        adapter_poll_s=0,
+        upstream_health_interval_s=3600,
+        **overrides,
+    )
+    holder: dict[str, RemoteBackend] = {}
+
+    def factory(s: ServerSettings) -> RemoteBackend:
+        holder["b"] = RemoteBackend(s, transport=httpx.MockTransport(fake))
+        return holder["b"]
+
+    app = create_app(settings, backend_factory=factory, background_load=False)
+    return TestClient(app), lambda: holder["b"]
+
+
+def test_upstreams_setting_accepts_commas_and_json(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VBON_UPSTREAMS", "http://a:8000/, http://b:8000")
+    assert ServerSettings().upstreams == ["http://a:8000", "http://b:8000"]
+    monkeypatch.setenv("VBON_UPSTREAMS", '["http://c:1"]')
+    assert ServerSettings().upstreams == ["http://c:1"]
+    monkeypatch.setenv("VBON_UPSTREAMS", "c:1")
+    with pytest.raises(ValueError, match="http://"):
+        ServerSettings()
+
+
+def test_dead_replica_never_fails_a_request(tmp_path: Path, embedded_model: Path) -> None:
+    fake = FakeVLLM(str(embedded_model), {A: "down", B: "ok"})
+    client, backend = make_client(tmp_path, embedded_model, fake)
+    with client:
+        assert client.get("/ready").status_code == 200
+        for _ in range(4):
+            r = client.post("/v1/bon", json={"prompt": "The film", "n": 4, "max_tokens": 3})
+            assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["text"].startswith(" good film")  # VADER picks a positive candidate
+        assert body["usage"] == {"prompt_tokens": 11, "completion_tokens": 12, "total_tokens": 23}
+        assert fake.completions == {A: 0, B: 4}
+        # Even when A is (wrongly) believed healthy, the request fails over to B.
+        backend().upstreams[0].healthy = True
+        r = client.post("/v1/bon", json={"prompt": "The film", "n": 2, "max_tokens": 3})
+        assert r.status_code == 200 and not backend().upstreams[0].healthy
+        sent = fake.bodies[-1]
+        assert sent["model"] == str(embedded_model) and sent["logprobs"] == 0
+        assert sent["top_k"] == 0 and sent["temperature"] == 1.0
+
+
+def test_load_is_spread_across_healthy_replicas(tmp_path: Path, embedded_model: Path) -> None:
+    fake = FakeVLLM(str(embedded_model), {A: "ok", B: "ok"})
+    client, _ = make_client(tmp_path, embedded_model, fake)
+    with client:
+        for _ in range(6):
+            assert client.post("/v1/bon", json={"prompt": "x", "n": 2}).status_code == 200
+    assert fake.completions == {A: 3, B: 3}
+
+
+@pytest.mark.parametrize(
+    ("modes", "status", "needle"),
+    [
+        ({A: "down", B: "down"}, 503, "no upstream could take the request"),
+        ({A: "error500", B: "down"}, 502, "answered 500: EngineDeadError"),
+        ({A: "bad400"}, 502, f"upstream {A} answered 400: bad sampling"),
+        ({A: "timeout"}, 504, f"upstream {A} did not answer"),
+    ],
+)
+def test_upstream_errors_map_to_502_503_504_naming_the_upstream(
+    tmp_path: Path, embedded_model: Path, modes: dict, status: int, needle: str
+) -> None:
+    fake = FakeVLLM(str(embedded_model), dict.fromkeys(modes, "ok"))
+    client, _ = make_client(tmp_path, embedded_model, fake)
+    with client:
+        fake.modes.update(modes)  # healthy at start-up, broken afterwards
+        r = client.post("/v1/bon", json={"prompt": "x", "n": 2})
+        assert r.status_code == status, r.text
+        msg = r.json()["error"]["message"]
+        assert needle in msg and A in msg
+
+
+def test_adapters_load_at_install_and_again_after_an_upstream_restart(
+    tmp_path: Path, embedded_model: Path
+) -> None:
+    make_fake_adapter(tmp_path / "adapters" / "vbon-n8", base_model=str(embedded_model))
+    fake = FakeVLLM(str(embedded_model), {A: "ok"})
+    client, _ = make_client(tmp_path, embedded_model, fake, upstream_adapters_dir="/adapters")
+    with client:
+        assert fake.loras[A] == {"vbon-n8@v1"}
+        r = client.post("/v1/vbon", json={"prompt": "x", "max_tokens": 3})
+        assert r.status_code == 200, r.text
+        assert fake.bodies[-1]["model"] == "vbon-n8@v1"
+        fake.loras[A].clear()  # the upstream restarted and forgot the adapter
+        r = client.post("/v1/vbon", json={"prompt": "x", "max_tokens": 3})
+        assert r.status_code == 200, r.text
+        assert fake.loras[A] == {"vbon-n8@v1"}
+
+
+def test_stream_through_the_remote_backend(tmp_path: Path, embedded_model: Path) -> None:
+    def streaming(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/completions" and json.loads(request.content).get("stream"):
+            chunks = [
+                {"choices": [{"index": 0, "text": t, "finish_reason": f,
+                              "logprobs": {"token_logprobs": [-1.0]}}]}
+                for t, f in ((" good", None), (" film", "stop"))
+            ]  # fmt: skip
+            sse = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
+            return httpx.Response(200, text=sse, headers={"content-type": "text/event-stream"})
+        return fake(request)
+
+    fake = FakeVLLM(str(embedded_model), {A: "ok"})
+    settings = ServerSettings(
+        backend="remote", upstreams=[A], model=str(embedded_model),
+        adapters_dir=tmp_path / "adapters", adapter_poll_s=0,
+    )  # fmt: skip
+    app = create_app(
+        settings,
+        backend_factory=lambda s: RemoteBackend(s, transport=httpx.MockTransport(streaming)),
+        background_load=False,
+    )
+    with TestClient(app) as client:
+        r = client.post(
+            "/v1/completions",
+            json={"model": "smollm2-135m-instruct", "prompt": "x", "stream": True},
+        )
+        texts = [
+            json.loads(ln[6:])["choices"][0]["text"]
+            for ln in r.text.splitlines()
+            if ln.startswith("data: {")
+        ]
+        assert texts == [" good", " film"]
+
+
+def test_bad_input_is_reported_by_ready_not_by_a_crash(tmp_path: Path, embedded_model: Path):
+    # A missing model volume and an unreachable upstream: the app starts, /health answers.
+    fake = FakeVLLM(str(embedded_model), {A: "down"})
+    client, _ = make_client(tmp_path, tmp_path / "no-such-model", fake)
+    with client:
+        assert client.get("/health").status_code == 200
+        r = client.get("/ready")
+        assert r.status_code == 503 and "no-such-model" in r.text and "mount" in r.text
+        assert client.post("/v1/bon", json={"prompt": "x", "n": 2}).status_code == 503
+    # The model is there but the upstream is down.
+    client, _ = make_client(tmp_path, embedded_model, fake)
+    with client:
+        r = client.get("/ready")
+        assert r.status_code == 503 and A in r.text and "unreachable" in r.text
+    # The upstream serves another model: never used, and /ready says which.
+    fake = FakeVLLM(str(embedded_model), {A: "model:Qwen/Qwen3-0.6B"})
+    client, _ = make_client(tmp_path, embedded_model, fake)
+    with client:
+        r = client.get("/ready")
+        assert r.status_code == 503 and "Qwen/Qwen3-0.6B" in r.text, r.text
+        assert client.post("/v1/bon", json={"prompt": "x", "n": 2}).status_code == 503
+        assert fake.completions[A] == 0
