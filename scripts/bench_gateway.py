@@ -170,7 +170,7 @@ async def gateway_vs_direct(args: argparse.Namespace, results: dict, adapter_dir
     )
     try:
         engine = await direct_engine()
-        tok = await engine.get_tokenizer()
+        tok = engine.tokenizer or engine.get_tokenizer()
         from vllm.lora.request import LoRARequest
 
         lora = LoRARequest("vbon-bench", 1, str(adapter_dir / "vbon-bench"))

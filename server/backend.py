@@ -92,7 +92,7 @@ class VLLMBackend:
         self.model_path = self._settings.resolved_model()
         # Building the engine blocks for ~40 s; keep the event loop (and /health) responsive.
         self._engine = await asyncio.to_thread(build_async_engine, self._settings, self.model_path)
-        self._tokenizer = self._engine.tokenizer or await self._engine.get_tokenizer()
+        self._tokenizer = self._engine.tokenizer or self._engine.get_tokenizer()
 
     async def shutdown(self) -> None:
         if self._engine is not None:
