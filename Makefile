@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export VBON_PROFILE ?= cpu
 PYTEST_ARGS ?=
 
-.PHONY: install model serve test test-fast lint train bench eval clean help
+.PHONY: install model serve test test-fast lint train bench eval clean help docker-image docker-test
 
 help:
 	@echo "make serve   install, prepare the embedded model, start the gateway on :8000"
@@ -32,6 +32,13 @@ test-fast: install
 
 train: model
 	$(PY) -m trainer --n 8
+
+docker-image:
+	docker/build.sh cpu vbon:cpu
+
+# Builds the CPU image, runs it with the model volume, waits for health, one BoN + one vBoN.
+docker-test: model
+	docker/smoke-test.sh
 
 clean:
 	rm -rf $(VENV) models

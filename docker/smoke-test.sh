@@ -23,7 +23,7 @@ cleanup() {
     if [[ $rc -ne 0 ]] && docker inspect "$NAME" >/dev/null 2>&1; then
         echo "---- container log (last 40 lines) ----"; docker logs --tail 40 "$NAME" 2>&1 || true
     fi
-    docker rm -f "$NAME" >/dev/null 2>&1 || true
+    docker rm -f -v "$NAME" >/dev/null 2>&1 || true  # -v: its anonymous /runs volume
     docker volume rm "$VOL_MODELS" "$VOL_ADAPTERS" >/dev/null 2>&1 || true
     rm -rf "$WORK"
     if [[ -n "$DOCKERD_PID" ]]; then
@@ -46,7 +46,7 @@ fi
 
 step "building $IMAGE"
 tb=$SECONDS
-docker/build.sh cpu "$IMAGE" -q >/dev/null
+docker/build.sh cpu "$IMAGE" >"$WORK/build.log" 2>&1 || { tail -30 "$WORK/build.log"; exit 1; }
 step "image built in $((SECONDS - tb)) s ($(docker image inspect -f '{{.Size}}' "$IMAGE" | awk '{printf "%.2f GB", $1/1e9}'))"
 
 [[ -f "$MODEL_DIR/config.json" ]] || "$PY" -m vbon.models prepare
@@ -64,7 +64,8 @@ docker run --rm --user 0 --entrypoint sh \
 
 step "starting the gateway container"
 tr=$SECONDS
-docker run -d --name "$NAME" -p 127.0.0.1::8000 \
+# vLLM's engine process talks to the server through /dev/shm (Docker's default 64 MB is too small).
+docker run -d --name "$NAME" -p 127.0.0.1::8000 --shm-size=1g \
     -v "$VOL_MODELS:/models:ro" -v "$VOL_ADAPTERS:/adapters:ro" \
     -e VBON_MODEL=/models/smollm2-135m-instruct -e VBON_KV_CACHE_GB=1 \
     "$IMAGE" nice -n 10 python -m server >/dev/null
@@ -75,6 +76,9 @@ while :; do
     [[ "$status" == healthy ]] && break
     [[ "$(docker inspect -f '{{.State.Running}}' "$NAME")" == true ]] || { echo "container exited"; exit 1; }
     (( SECONDS - tr < TIMEOUT )) || { echo "not healthy after $TIMEOUT s ($status)"; exit 1; }
+    # The gateway stays up when its engine fails to start; /ready says why: stop waiting then.
+    reason="$(curl -s --max-time 3 "$URL/ready" || true)"
+    [[ "$reason" != *"startup failed"* ]] || { echo "gateway start-up failed: $reason"; exit 1; }
     sleep 2
 done
 step "healthy after $((SECONDS - tr)) s; user: $(docker exec "$NAME" id -u)"

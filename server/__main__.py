@@ -22,7 +22,9 @@ def main() -> int:
         )
         # Fail on a bad model path or reward before the server starts (and before the engine
         # spends ~40 s loading); the embedded model is converted here if needed.
-        settings.resolved_model()
+        if settings.backend == "local":
+            # (Remote mode reports a missing model volume in /ready instead of exiting.)
+            settings.resolved_model()
         reward = settings.load_reward()
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -71,6 +71,7 @@ def test_default_profile_is_the_cpu_gateway() -> None:
     ports = [str(p.get("published", p) if isinstance(p, dict) else p) for p in gw["ports"]]
     assert any("8000" in p for p in ports)
     assert gw["healthcheck"]["test"][-1] == "/usr/local/bin/vbon-healthcheck"
+    assert gw["shm_size"]  # vLLM's engine IPC does not fit Docker's default 64 MB /dev/shm
     targets = {str(v["target"] if isinstance(v, dict) else v.split(":")[1]) for v in gw["volumes"]}
     assert targets == {"/models", "/adapters"}
     assert {"models", "adapters"} <= set(cfg["volumes"])
@@ -108,8 +109,8 @@ def test_scale_profile_runs_vllm_replicas_and_a_remote_gateway() -> None:
     assert len(replicas) >= 2
     for name in replicas:
         svc = services[name]
-        assert svc["entrypoint"] == ["vllm", "serve"]
-        assert "--enable-lora" in svc["command"]
+        assert svc["entrypoint"] == ["python", "-m", "vllm.entrypoints.openai.api_server"]
+        assert "--enable-lora" in svc["command"] and svc["shm_size"]
         assert svc["environment"]["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
         assert any("/adapters" in str(v) for v in svc["volumes"])
     env = services["gateway-remote"]["environment"]
@@ -152,8 +153,27 @@ def test_dockerfile_contract(dockerfile: Path) -> None:
     assert deps < text.index("COPY vbon ")
     assert "HEALTHCHECK" in text and "USER ${UID}" in text and "ARG UID=10001" in text
     assert "EMBED_MODEL=0" in text  # no weights unless asked for
+    assert "g++" in text  # torch inductor compiles kernels at run time (vLLM's sampler)
     # The CA bundle is a build secret, never COPY'd into the image.
     assert "--mount=type=secret,id=pip_ca" in text and "ca-certificates.crt /" not in text
     # .dockerignore is an allow-list: models, adapters, .venv and .git never reach the daemon.
     ignore = (ROOT / ".dockerignore").read_text().splitlines()
     assert "*" in ignore and "!build/docker-wheels/" in ignore
+
+
+def test_kubernetes_example_uses_the_same_settings() -> None:
+    docs = list(yaml.safe_load_all((ROOT / "docker" / "k8s" / "vbon.yaml").read_text()))
+    kinds = {d["kind"] for d in docs}
+    assert {"StatefulSet", "Deployment", "Service", "Job", "PersistentVolumeClaim"} <= kinds
+    gw = next(d for d in docs if d["kind"] == "Deployment")
+    pod = gw["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    c = pod["containers"][0]
+    assert c["livenessProbe"]["httpGet"]["path"] == "/health"
+    assert c["readinessProbe"]["httpGet"]["path"] == "/ready"
+    env = {e["name"]: e["value"] for e in c["env"] if "value" in e}
+    from server.settings import ServerSettings
+
+    s = ServerSettings(**{k[5:].lower(): v for k, v in env.items() if k.startswith("VBON_")})
+    sts = next(d for d in docs if d["kind"] == "StatefulSet")
+    assert s.backend == "remote" and len(s.upstreams) == sts["spec"]["replicas"]
