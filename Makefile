@@ -4,6 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export VBON_PROFILE ?= cpu
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
+EVAL_ARGS ?=
 
 .PHONY: install model serve test test-fast lint train bench eval clean help docker-image docker-test
 
@@ -32,6 +34,12 @@ test-fast: install
 
 train: model
 	$(PY) -m trainer --n 8
+
+bench: model
+	$(PY) -m clients.bench $(BENCH_ARGS)
+
+eval: model
+	$(PY) -m clients.eval $(EVAL_ARGS)
 
 docker-image:
 	docker/build.sh cpu vbon:cpu

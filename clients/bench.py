@@ -156,9 +156,7 @@ def summarize(
     rewards = [o.reward for o in outcomes if o.reward is not None]
     tokens = sum(o.completion_tokens for o in outcomes)
     wall = max(wall_s, 1e-9)
-    se = (
-        statistics.stdev(rewards) / math.sqrt(len(rewards)) if len(rewards) > 1 else None
-    )
+    se = statistics.stdev(rewards) / math.sqrt(len(rewards)) if len(rewards) > 1 else None
     return Level(
         method=method.name,
         n=method.n,
@@ -189,8 +187,14 @@ def summarize(
 class Runner:
     """Sends one method's requests through one AsyncClient."""
 
-    def __init__(self, client: AsyncClient, prompts: list[str], max_tokens: int,
-                 adapter: str | None, progress: Any) -> None:
+    def __init__(
+        self,
+        client: AsyncClient,
+        prompts: list[str],
+        max_tokens: int,
+        adapter: str | None,
+        progress: Any,
+    ) -> None:
         from vbon.prompts import task_messages
 
         self.client = client
@@ -203,16 +207,18 @@ class Runner:
         msgs = self.messages[i % len(self.messages)]
         t0 = time.perf_counter()
         if method.kind == "vbon":
-            r = await self.client.vbon(messages=msgs, adapter=self.adapter, score=True,
-                                       max_tokens=self.max_tokens)
+            r = await self.client.vbon(
+                messages=msgs, adapter=self.adapter, score=True, max_tokens=self.max_tokens
+            )
             out = Outcome(time.perf_counter() - t0, r.usage.completion_tokens, r.reward, 1)
         else:
             b = await self.client.bon(messages=msgs, n=method.n, max_tokens=self.max_tokens)
             out = Outcome(time.perf_counter() - t0, b.usage.completion_tokens, b.reward, method.n)
         return out
 
-    async def closed(self, method: Method, concurrency: int, requests: int,
-                     time_limit_s: float) -> Level:
+    async def closed(
+        self, method: Method, concurrency: int, requests: int, time_limit_s: float
+    ) -> Level:
         outcomes: list[Outcome] = []
         errors: list[str] = []
         next_i = 0
@@ -235,11 +241,25 @@ class Runner:
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         self.progress.update(max(0, requests - next_i))  # skipped by the time limit
-        return summarize(method, "closed", outcomes, errors, last_done - t0,
-                         self.client.retries_done - retries0, concurrency=concurrency)
+        return summarize(
+            method,
+            "closed",
+            outcomes,
+            errors,
+            last_done - t0,
+            self.client.retries_done - retries0,
+            concurrency=concurrency,
+        )
 
-    async def poisson(self, method: Method, rate: float, load: float, requests: int,
-                      time_limit_s: float, seed: int) -> Level:
+    async def poisson(
+        self,
+        method: Method,
+        rate: float,
+        load: float,
+        requests: int,
+        time_limit_s: float,
+        seed: int,
+    ) -> Level:
         rng = random.Random(seed)
         outcomes: list[Outcome] = []
         errors: list[str] = []
@@ -269,13 +289,29 @@ class Runner:
                 await asyncio.sleep(delay)
             tasks.append(asyncio.create_task(fire(i)))
         await asyncio.gather(*tasks)
-        return summarize(method, "poisson", outcomes, errors, last_done - t0,
-                         self.client.retries_done - retries0, rate=rate, load=load)
+        return summarize(
+            method,
+            "poisson",
+            outcomes,
+            errors,
+            last_done - t0,
+            self.client.retries_done - retries0,
+            rate=rate,
+            load=load,
+        )
 
 
 # -- transformers baseline ------------------------------------------------------------------
-def hf_bon(model_path: str, prompts: list[str], ns: list[int], max_tokens: int, dtype: str,
-           threads: int, reward_spec: str, progress: Any) -> list[dict[str, Any]]:
+def hf_bon(
+    model_path: str,
+    prompts: list[str],
+    ns: list[int],
+    max_tokens: int,
+    dtype: str,
+    threads: int,
+    reward_spec: str,
+    progress: Any,
+) -> list[dict[str, Any]]:
     """BoN the way a transformers/TRL user does it: per prompt, generate N sequences with
     num_return_sequences=N, score them with the reward model, keep the best."""
     import torch
@@ -298,7 +334,7 @@ def hf_bon(model_path: str, prompts: list[str], ns: list[int], max_tokens: int, 
         cfg = hf_generation_config(Sampling(max_tokens=max_tokens), tok, n=n)
         with torch.inference_mode():
             out = model.generate(**ids, generation_config=cfg)
-        new = out[:, ids["input_ids"].shape[1]:].tolist()
+        new = out[:, ids["input_ids"].shape[1] :].tolist()
         completions, tokens = [], 0
         for row in new:
             cut = row.index(eos) + 1 if eos in row else len(row)
@@ -321,16 +357,18 @@ def hf_bon(model_path: str, prompts: list[str], ns: list[int], max_tokens: int, 
             best.append(b)
             progress.update(1)
         wall = time.perf_counter() - t0
-        rows.append({
-            "n": n,
-            "prompts": len(texts),
-            "wall_s": wall,
-            "answers_per_s": len(texts) / wall,
-            "gen_tokens_per_s": tokens / wall,
-            "tokens_per_answer": tokens / len(texts),
-            "latency_mean_s": statistics.fmean(lat),
-            "mean_reward": statistics.fmean(best),
-        })
+        rows.append(
+            {
+                "n": n,
+                "prompts": len(texts),
+                "wall_s": wall,
+                "answers_per_s": len(texts) / wall,
+                "gen_tokens_per_s": tokens / wall,
+                "tokens_per_answer": tokens / len(texts),
+                "latency_mean_s": statistics.fmean(lat),
+                "mean_reward": statistics.fmean(best),
+            }
+        )
     return rows
 
 
@@ -342,8 +380,10 @@ def _f(v: float | None, d: int = 2) -> str:
 def peaks(levels: list[Level]) -> dict[str, Level]:
     best: dict[str, Level] = {}
     for lv in levels:
-        if lv.mode == "closed" and lv.completed and (
-            lv.method not in best or lv.answers_per_s > best[lv.method].answers_per_s
+        if (
+            lv.mode == "closed"
+            and lv.completed
+            and (lv.method not in best or lv.answers_per_s > best[lv.method].answers_per_s)
         ):
             best[lv.method] = lv
     return best
@@ -359,20 +399,50 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"Machine: {result['machine']['cpus']} CPUs ({result['machine']['processor']}), "
         f"gateway {result['server']['url']} ({result['server']['model']}), "
         f"{cfg['max_tokens']} max tokens per sample, prompts from {cfg['prompts']}.  ",
+        "Load average (1/5/15 min) at start "
+        + "/".join(f"{x:.1f}" for x in result["machine"]["loadavg_start"])
+        + ", at end "
+        + "/".join(f"{x:.1f}" for x in result["machine"]["loadavg_end"])
+        + f" (on {result['machine']['cpus']} CPUs: above that, other processes competed).  ",
         f"Date: {result['date']}",
         "",
         "## Closed loop (c clients sending back to back)",
         "",
     ]
     rows = [
-        [lv.method, lv.concurrency, lv.completed, lv.errors, _f(lv.answers_per_s, 3),
-         _f(lv.gen_tokens_per_s, 1), _f(lv.tokens_per_request, 1), _f(lv.latency_p50_s),
-         _f(lv.latency_p95_s), _f(lv.latency_p99_s), _f(lv.mean_reward, 3)]
+        [
+            lv.method,
+            lv.concurrency,
+            lv.completed,
+            lv.errors,
+            _f(lv.answers_per_s, 3),
+            _f(lv.gen_tokens_per_s, 1),
+            _f(lv.tokens_per_request, 1),
+            _f(lv.latency_p50_s),
+            _f(lv.latency_p95_s),
+            _f(lv.latency_p99_s),
+            _f(lv.mean_reward, 3),
+        ]
         for lv in levels
     ]
-    lines.append(markdown_table(
-        ["method", "clients", "answers", "errors", "answers/s", "gen tok/s", "tok/answer",
-         "p50 s", "p95 s", "p99 s", "mean reward"], rows))
+    lines.append(
+        markdown_table(
+            [
+                "method",
+                "clients",
+                "answers",
+                "errors",
+                "answers/s",
+                "gen tok/s",
+                "tok/answer",
+                "p50 s",
+                "p95 s",
+                "p99 s",
+                "mean reward",
+            ],
+            rows,
+        )
+    )
     pk = peaks(levels)
     if pk:
         base = pk.get("base")
@@ -380,30 +450,73 @@ def render_markdown(result: dict[str, Any]) -> str:
         rows = []
         for name, lv in pk.items():
             cost = base.answers_per_s / lv.answers_per_s if base and lv.answers_per_s else None
-            rows.append([name, lv.concurrency, _f(lv.answers_per_s, 3),
-                         _f(lv.gen_tokens_per_s, 1), _f(cost, 2), _f(lv.mean_reward, 3)])
-        lines.append(markdown_table(
-            ["method", "at clients", "answers/s", "gen tok/s", "cost vs base (x)",
-             "mean reward"], rows))
+            rows.append(
+                [
+                    name,
+                    lv.concurrency,
+                    _f(lv.answers_per_s, 3),
+                    _f(lv.gen_tokens_per_s, 1),
+                    _f(cost, 2),
+                    _f(lv.mean_reward, 3),
+                ]
+            )
+        lines.append(
+            markdown_table(
+                [
+                    "method",
+                    "at clients",
+                    "answers/s",
+                    "gen tok/s",
+                    "cost vs base (x)",
+                    "mean reward",
+                ],
+                rows,
+            )
+        )
         if "vbon" in pk:
             speed = [
                 f"{name}: {pk['vbon'].answers_per_s / lv.answers_per_s:.1f}x"
-                for name, lv in pk.items() if name.startswith("bon-") and lv.answers_per_s
+                for name, lv in pk.items()
+                if name.startswith("bon-") and lv.answers_per_s
             ]
             if speed:
                 lines += ["", "vBoN answers/s relative to BoN at peak: " + ", ".join(speed)]
     if result["open_loop"]:
         lines += ["", "## Open loop (Poisson arrivals)", ""]
         rows = [
-            [lv["method"], _f(lv["load"]), _f(lv["rate_rps"], 3), lv["completed"],
-             lv["errors"], _f(lv["answers_per_s"], 3), _f(lv["gen_tokens_per_s"], 1),
-             _f(lv["latency_p50_s"]), _f(lv["latency_p95_s"]), _f(lv["latency_p99_s"]),
-             _f(lv["mean_reward"], 3)]
+            [
+                lv["method"],
+                _f(lv["load"]),
+                _f(lv["rate_rps"], 3),
+                lv["completed"],
+                lv["errors"],
+                _f(lv["answers_per_s"], 3),
+                _f(lv["gen_tokens_per_s"], 1),
+                _f(lv["latency_p50_s"]),
+                _f(lv["latency_p95_s"]),
+                _f(lv["latency_p99_s"]),
+                _f(lv["mean_reward"], 3),
+            ]
             for lv in result["open_loop"]
         ]
-        lines.append(markdown_table(
-            ["method", "load (x peak)", "offered req/s", "answers", "errors", "answers/s",
-             "gen tok/s", "p50 s", "p95 s", "p99 s", "mean reward"], rows))
+        lines.append(
+            markdown_table(
+                [
+                    "method",
+                    "load (x peak)",
+                    "offered req/s",
+                    "answers",
+                    "errors",
+                    "answers/s",
+                    "gen tok/s",
+                    "p50 s",
+                    "p95 s",
+                    "p99 s",
+                    "mean reward",
+                ],
+                rows,
+            )
+        )
     if result["hf_comparison"]:
         hf = result["hf_comparison"]
         lines += [
@@ -417,17 +530,37 @@ def render_markdown(result: dict[str, Any]) -> str:
             "",
         ]
         rows = [
-            [f"BoN-{r['n']}", _f(r["hf_answers_per_s"], 3), _f(r["hf_gen_tokens_per_s"], 1),
-             _f(r["gw_c1_answers_per_s"], 3), _f(r["gw_all_answers_per_s"], 3),
-             _f(r["gw_all_gen_tokens_per_s"], 1), _f(r["speedup_c1"], 2),
-             _f(r["speedup_all"], 2), _f(r["hf_mean_reward"], 3), _f(r["gw_mean_reward"], 3)]
+            [
+                f"BoN-{r['n']}",
+                _f(r["hf_answers_per_s"], 3),
+                _f(r["hf_gen_tokens_per_s"], 1),
+                _f(r["gw_c1_answers_per_s"], 3),
+                _f(r["gw_all_answers_per_s"], 3),
+                _f(r["gw_all_gen_tokens_per_s"], 1),
+                _f(r["speedup_c1"], 2),
+                _f(r["speedup_all"], 2),
+                _f(r["hf_mean_reward"], 3),
+                _f(r["gw_mean_reward"], 3),
+            ]
             for r in hf
         ]
-        lines.append(markdown_table(
-            ["method", "transformers answers/s", "transformers gen tok/s",
-             "gateway c=1 answers/s", "gateway all-at-once answers/s",
-             "gateway all-at-once gen tok/s", "speed-up c=1 (x)", "speed-up all-at-once (x)",
-             "transformers reward", "gateway reward"], rows))
+        lines.append(
+            markdown_table(
+                [
+                    "method",
+                    "transformers answers/s",
+                    "transformers gen tok/s",
+                    "gateway c=1 answers/s",
+                    "gateway all-at-once answers/s",
+                    "gateway all-at-once gen tok/s",
+                    "speed-up c=1 (x)",
+                    "speed-up all-at-once (x)",
+                    "transformers reward",
+                    "gateway reward",
+                ],
+                rows,
+            )
+        )
     if result.get("notes"):
         lines += ["", "Notes:", *[f"- {n}" for n in result["notes"]]]
     return "\n".join(lines) + "\n"
@@ -466,14 +599,30 @@ def plot(result: dict[str, Any], out: Path) -> list[str]:
     for i, m in enumerate(methods):
         color = f"C{i}"
         pts = [lv for lv in closed if lv["method"] == m and lv["completed"]]
-        ax.plot([lv["answers_per_s"] for lv in pts], [lv["latency_p50_s"] for lv in pts],
-                marker="o", color=color, label=f"{m} p50 (closed)")
-        ax.plot([lv["answers_per_s"] for lv in pts], [lv["latency_p95_s"] for lv in pts],
-                ls=":", color=color, alpha=0.7)
+        ax.plot(
+            [lv["answers_per_s"] for lv in pts],
+            [lv["latency_p50_s"] for lv in pts],
+            marker="o",
+            color=color,
+            label=f"{m} p50 (closed)",
+        )
+        ax.plot(
+            [lv["answers_per_s"] for lv in pts],
+            [lv["latency_p95_s"] for lv in pts],
+            ls=":",
+            color=color,
+            alpha=0.7,
+        )
         op = [lv for lv in result["open_loop"] if lv["method"] == m and lv["completed"]]
         if op:
-            ax.scatter([lv["answers_per_s"] for lv in op], [lv["latency_p50_s"] for lv in op],
-                       marker="x", s=60, color=color, label=f"{m} p50 (Poisson)")
+            ax.scatter(
+                [lv["answers_per_s"] for lv in op],
+                [lv["latency_p50_s"] for lv in op],
+                marker="x",
+                s=60,
+                color=color,
+                label=f"{m} p50 (Poisson)",
+            )
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("answers/s")
@@ -491,32 +640,65 @@ def plot(result: dict[str, Any], out: Path) -> list[str]:
 
 # -- orchestration ------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m clients.bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m clients.bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--url", help="benchmark this gateway instead of starting one (loopback)")
     p.add_argument("--api-key", default=None, help="bearer key (env VBON_API_KEY)")
-    p.add_argument("--quick", action="store_true",
-                   help="a few minutes: clients 1,4,16, 4+ requests per level, max_tokens 16, "
-                   "one Poisson load, transformers at N=8 on 4 prompts")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a few minutes: clients 1,4,16, 4+ requests per level, max_tokens 16, "
+        "one Poisson load, transformers at N=8 on 4 prompts",
+    )
     p.add_argument("--methods", default="base,bon-4,bon-8,bon-16,vbon")
     p.add_argument("--concurrency", default=None, help="clients per level (1,2,4,8,16,32)")
-    p.add_argument("--requests", type=int, default=None,
-                   help="answers per level, at least the concurrency (default 16; quick 4)")
-    p.add_argument("--level-timeout", type=float, default=None,
-                   help="seconds per level before new requests stop (default 90; quick 40)")
-    p.add_argument("--poisson-load", default=None,
-                   help="open-loop rates as fractions of each method's peak (0.5,0.9; quick 0.7)")
-    p.add_argument("--poisson-requests", type=int, default=None,
-                   help="requests per open-loop rate (default 16; quick 6)")
+    p.add_argument(
+        "--requests",
+        type=int,
+        default=None,
+        help="answers per level, at least the concurrency (default 16; quick 4)",
+    )
+    p.add_argument(
+        "--level-timeout",
+        type=float,
+        default=None,
+        help="seconds per level before new requests stop (default 90; quick 40)",
+    )
+    p.add_argument(
+        "--poisson-load",
+        default=None,
+        help="open-loop rates as fractions of each method's peak (0.5,0.9; quick 0.7)",
+    )
+    p.add_argument(
+        "--poisson-requests",
+        type=int,
+        default=None,
+        help="requests per open-loop rate (default 16; quick 6)",
+    )
     p.add_argument("--max-tokens", type=int, default=None, help="tokens per sample (32; quick 16)")
-    p.add_argument("--hf-n", default=None, help="N for the transformers comparison (4,8,16; "
-                   "quick 8); 'none' to skip")
+    p.add_argument(
+        "--hf-n",
+        default=None,
+        help="N for the transformers comparison (4,8,16; quick 8); 'none' to skip",
+    )
     p.add_argument("--hf-prompts", type=int, default=None, help="prompts for it (8; quick 4)")
+    p.add_argument(
+        "--hf-threads",
+        type=int,
+        default=None,
+        help="torch threads for transformers (default: all CPUs, like the engine)",
+    )
     p.add_argument("--prompts", default=None, help="JSONL prompt file (default: held-out set)")
     p.add_argument("--adapter", default=None, help="vBoN adapter name (default: server default)")
-    p.add_argument("--adapters-dir", default=None,
-                   help="when starting the gateway: its VBON_ADAPTERS_DIR (default: adapters); "
-                   "with none installed, a random placeholder LoRA is made for vBoN's speed")
+    p.add_argument(
+        "--adapters-dir",
+        default=None,
+        help="when starting the gateway: its VBON_ADAPTERS_DIR (default: adapters); "
+        "with none installed, a random placeholder LoRA is made for vBoN's speed",
+    )
     p.add_argument("--out", default=None, help="output folder (default runs/bench-<time>)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
@@ -530,12 +712,16 @@ def resolve_config(a: argparse.Namespace) -> dict[str, Any]:
     cfg = {
         "quick": q,
         "methods": [m.name for m in parse_methods(a.methods)],
-        "concurrency": parse_ints(a.concurrency or ("1,4,16" if q else "1,2,4,8,16,32"),
-                                  "--concurrency"),
+        "concurrency": parse_ints(
+            a.concurrency or ("1,4,16" if q else "1,2,4,8,16,32"), "--concurrency"
+        ),
         "requests": a.requests or (4 if q else 16),
         "level_timeout_s": a.level_timeout or (40.0 if q else 90.0),
-        "poisson_load": parse_floats(a.poisson_load or ("0.7" if q else "0.5,0.9"),
-                                     "--poisson-load") if a.poisson_load != "none" else [],
+        "poisson_load": parse_floats(
+            a.poisson_load or ("0.7" if q else "0.5,0.9"), "--poisson-load"
+        )
+        if a.poisson_load != "none"
+        else [],
         "poisson_requests": a.poisson_requests or (6 if q else 16),
         "max_tokens": a.max_tokens or (16 if q else 32),
         "hf_n": [] if hf_n_text == "none" else parse_ints(hf_n_text, "--hf-n"),
@@ -558,13 +744,30 @@ def make_placeholder_adapter(folder: Path, model_path: str, rank: int = 16) -> P
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    cfg = LoraConfig(r=rank, lora_alpha=2 * rank, init_lora_weights=False,
-                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                     "up_proj", "down_proj"])
+    cfg = LoraConfig(
+        r=rank,
+        lora_alpha=2 * rank,
+        init_lora_weights=False,
+        target_modules=[
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ],
+    )
     with staged_folder(folder, overwrite=True) as tmp:
         get_peft_model(model, cfg).save_pretrained(tmp)
-        meta = AdapterMeta(name=folder.name, n=8, beta=1 / 7, base_model=model_path,
-                           lora_rank=rank, metrics={"placeholder": "random weights, speed only"})
+        meta = AdapterMeta(
+            name=folder.name,
+            n=8,
+            beta=1 / 7,
+            base_model=model_path,
+            lora_rank=rank,
+            metrics={"placeholder": "random weights, speed only"},
+        )
         (tmp / "vbon.json").write_text(meta.model_dump_json(indent=1))
     return folder
 
@@ -573,15 +776,26 @@ def _has_adapters(folder: Path) -> bool:
     return folder.is_dir() and any((p / "vbon.json").is_file() for p in folder.iterdir())
 
 
-async def run_gateway_phases(url: str, api_key: str | None, cfg: dict[str, Any],
-                             prompts: list[str], adapter: str | None, progress: Any,
-                             notes: list[str]) -> dict[str, Any]:
+async def run_gateway_phases(
+    url: str,
+    api_key: str | None,
+    cfg: dict[str, Any],
+    prompts: list[str],
+    adapter: str | None,
+    progress: Any,
+    notes: list[str],
+) -> dict[str, Any]:
     methods = [Method(m) for m in cfg["methods"]]
     conc = cfg["concurrency"]
     max_c = max(conc)
     retry = RetryPolicy(max_retries=8, backoff_s=0.5, max_wait_s=10)
-    async with AsyncClient(url, api_key=api_key, retry=retry, max_connections=max(64, 2 * max_c),
-                           timeout=max(300.0, 4 * cfg["level_timeout_s"])) as client:
+    async with AsyncClient(
+        url,
+        api_key=api_key,
+        retry=retry,
+        max_connections=max(64, 2 * max_c),
+        timeout=max(300.0, 4 * cfg["level_timeout_s"]),
+    ) as client:
         ready = await client.ready()
         if not ready.ready:
             raise BenchError(f"the gateway at {url} is not ready: {ready.reason}")
@@ -598,8 +812,9 @@ async def run_gateway_phases(url: str, api_key: str | None, cfg: dict[str, Any],
         for m in methods:
             for c in conc:
                 progress.set_description(f"{m.name} c={c}")
-                closed.append(await runner.closed(m, c, max(cfg["requests"], c),
-                                                  cfg["level_timeout_s"]))
+                closed.append(
+                    await runner.closed(m, c, max(cfg["requests"], c), cfg["level_timeout_s"])
+                )
         open_loop: list[Level] = []
         pk = peaks(closed)
         for m in methods:
@@ -608,8 +823,11 @@ async def run_gateway_phases(url: str, api_key: str | None, cfg: dict[str, Any],
                     continue
                 rate = load * pk[m.name].answers_per_s
                 progress.set_description(f"{m.name} poisson {load:g}x")
-                open_loop.append(await runner.poisson(m, rate, load, cfg["poisson_requests"],
-                                                      cfg["level_timeout_s"], cfg["seed"]))
+                open_loop.append(
+                    await runner.poisson(
+                        m, rate, load, cfg["poisson_requests"], cfg["level_timeout_s"], cfg["seed"]
+                    )
+                )
         same: dict[int, dict[str, Level]] = {}
         hf_prompts = prompts[: cfg["hf_prompts"]]
         hf_runner = Runner(client, hf_prompts, cfg["max_tokens"], adapter, progress)
@@ -655,8 +873,7 @@ def _main(args: argparse.Namespace) -> int:
     out = Path(args.out or f"runs/bench-{stamp}")
     out.mkdir(parents=True, exist_ok=True)
     notes: list[str] = []
-    if args.url and not re.match(r"^https?://(127\.0\.0\.1|localhost|\[::1\])(:\d+)?/?$",
-                                 args.url):
+    if args.url and not re.match(r"^https?://(127\.0\.0\.1|localhost|\[::1\])(:\d+)?/?$", args.url):
         notes.append(f"target {args.url} is not loopback: numbers include the network")
 
     n_methods = len(cfg["methods"])
@@ -666,6 +883,7 @@ def _main(args: argparse.Namespace) -> int:
     total += len(cfg["hf_n"]) * cfg["hf_prompts"] * 3
     server = None
     t_start = time.perf_counter()
+    load_start = os.getloadavg()
     progress = tqdm(total=total, unit="req", disable=args.no_progress, dynamic_ncols=True)
     try:
         url = args.url
@@ -674,8 +892,9 @@ def _main(args: argparse.Namespace) -> int:
             from vbon.settings import CoreSettings
 
             env: dict[str, str] = {}
-            adapters_dir = Path(args.adapters_dir or os.environ.get("VBON_ADAPTERS_DIR",
-                                                                    "adapters"))
+            adapters_dir = Path(
+                args.adapters_dir or os.environ.get("VBON_ADAPTERS_DIR", "adapters")
+            )
             if "vbon" in cfg["methods"] and not _has_adapters(adapters_dir):
                 progress.set_description("placeholder adapter")
                 model_path = CoreSettings().resolved_model()
@@ -690,8 +909,9 @@ def _main(args: argparse.Namespace) -> int:
             server = LocalServer(env, out / "server.log")
             server.start()
             url = server.url
-        gw = asyncio.run(run_gateway_phases(url, args.api_key, cfg, prompts, args.adapter,
-                                            progress, notes))
+        gw = asyncio.run(
+            run_gateway_phases(url, args.api_key, cfg, prompts, args.adapter, progress, notes)
+        )
         ready = gw["ready"]
         engine = ready.engine or {}
         hf_rows: list[dict[str, Any]] = []
@@ -705,31 +925,44 @@ def _main(args: argparse.Namespace) -> int:
             core = CoreSettings()
             path = engine.get("path")
             model_path = path if path and Path(path).is_dir() else core.resolved_model()
-            hf_setup = {"model": model_path, "dtype": resolve_dtype(core), "threads": cpu_count()}
+            hf_setup = {
+                "model": model_path,
+                "dtype": resolve_dtype(core),
+                "threads": args.hf_threads or cpu_count(),
+            }
             progress.set_description("transformers BoN")
-            hf = hf_bon(model_path, prompts[: cfg["hf_prompts"]], cfg["hf_n"],
-                        cfg["max_tokens"], hf_setup["dtype"], hf_setup["threads"], core.reward,
-                        progress)
+            hf = hf_bon(
+                model_path,
+                prompts[: cfg["hf_prompts"]],
+                cfg["hf_n"],
+                cfg["max_tokens"],
+                hf_setup["dtype"],
+                hf_setup["threads"],
+                core.reward,
+                progress,
+            )
             for row in hf:
                 s = gw["same"][row["n"]]
                 c1, al = s["c1"], s["all"]
-                hf_rows.append({
-                    "n": row["n"],
-                    "prompts": row["prompts"],
-                    "hf_answers_per_s": row["answers_per_s"],
-                    "hf_gen_tokens_per_s": row["gen_tokens_per_s"],
-                    "hf_tokens_per_answer": row["tokens_per_answer"],
-                    "hf_latency_mean_s": row["latency_mean_s"],
-                    "hf_mean_reward": row["mean_reward"],
-                    "gw_c1_answers_per_s": c1.answers_per_s,
-                    "gw_c1_latency_mean_s": c1.latency_mean_s,
-                    "gw_all_answers_per_s": al.answers_per_s,
-                    "gw_all_gen_tokens_per_s": al.gen_tokens_per_s,
-                    "gw_tokens_per_answer": al.tokens_per_request,
-                    "gw_mean_reward": al.mean_reward,
-                    "speedup_c1": c1.answers_per_s / row["answers_per_s"],
-                    "speedup_all": al.answers_per_s / row["answers_per_s"],
-                })
+                hf_rows.append(
+                    {
+                        "n": row["n"],
+                        "prompts": row["prompts"],
+                        "hf_answers_per_s": row["answers_per_s"],
+                        "hf_gen_tokens_per_s": row["gen_tokens_per_s"],
+                        "hf_tokens_per_answer": row["tokens_per_answer"],
+                        "hf_latency_mean_s": row["latency_mean_s"],
+                        "hf_mean_reward": row["mean_reward"],
+                        "gw_c1_answers_per_s": c1.answers_per_s,
+                        "gw_c1_latency_mean_s": c1.latency_mean_s,
+                        "gw_all_answers_per_s": al.answers_per_s,
+                        "gw_all_gen_tokens_per_s": al.gen_tokens_per_s,
+                        "gw_tokens_per_answer": al.tokens_per_request,
+                        "gw_mean_reward": al.mean_reward,
+                        "speedup_c1": c1.answers_per_s / row["answers_per_s"],
+                        "speedup_all": al.answers_per_s / row["answers_per_s"],
+                    }
+                )
     finally:
         progress.close()
         if server is not None:
@@ -740,11 +973,20 @@ def _main(args: argparse.Namespace) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "duration_s": time.perf_counter() - t_start,
         "config": cfg,
-        "machine": {"cpus": cpu_count(), "processor": platform.processor() or platform.machine(),
-                    "python": platform.python_version()},
-        "server": {"url": url, "started_by_bench": server is not None,
-                   "model": engine.get("model"), "path": engine.get("path"),
-                   "adapters": ready.adapters},
+        "machine": {
+            "cpus": cpu_count(),
+            "processor": platform.processor() or platform.machine(),
+            "python": platform.python_version(),
+            "loadavg_start": load_start,
+            "loadavg_end": os.getloadavg(),
+        },
+        "server": {
+            "url": url,
+            "started_by_bench": server is not None,
+            "model": engine.get("model"),
+            "path": engine.get("path"),
+            "adapters": ready.adapters,
+        },
         "closed_loop": [asdict(lv) for lv in gw["closed"]],
         "open_loop": [asdict(lv) for lv in gw["open"]],
         "hf_setup": hf_setup,
@@ -756,8 +998,9 @@ def _main(args: argparse.Namespace) -> int:
     (out / "bench.md").write_text(md)
     files = plot(result, out)
     print(md)
-    print(f"wrote {out / 'bench.json'}, {out / 'bench.md'}, " +
-          ", ".join(str(out / f) for f in files))
+    print(
+        f"wrote {out / 'bench.json'}, {out / 'bench.md'}, " + ", ".join(str(out / f) for f in files)
+    )
     return 0
 
 

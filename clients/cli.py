@@ -128,8 +128,12 @@ def _print_json(obj: Any) -> None:
 
 
 def cmd_bon(c: Client, a: argparse.Namespace) -> int:
-    r = c.bon(**prompt_args(a.text, a.mode), n=a.n, return_candidates=a.show_candidates,
-              **sampling_args(a))
+    r = c.bon(
+        **prompt_args(a.text, a.mode),
+        n=a.n,
+        return_candidates=a.show_candidates,
+        **sampling_args(a),
+    )
     if a.json:
         _print_json(r)
         return 0
@@ -147,8 +151,15 @@ def cmd_bon(c: Client, a: argparse.Namespace) -> int:
     if r.candidates:
         print()
         rows = [
-            [c_.rank, c_.index, c_.reward, c_.tokens, c_.cumulative_logprob, c_.finish_reason,
-             c_.text]
+            [
+                c_.rank,
+                c_.index,
+                c_.reward,
+                c_.tokens,
+                c_.cumulative_logprob,
+                c_.finish_reason,
+                c_.text,
+            ]
             for c_ in r.candidates
         ]
         print(text_table(["rank", "idx", "reward", "tokens", "logprob", "finish", "text"], rows))
@@ -157,7 +168,10 @@ def cmd_bon(c: Client, a: argparse.Namespace) -> int:
 
 def cmd_vbon(c: Client, a: argparse.Namespace) -> int:
     kwargs = dict(
-        **prompt_args(a.text, a.mode), adapter=a.adapter, n=a.n, score=not a.no_score,
+        **prompt_args(a.text, a.mode),
+        adapter=a.adapter,
+        n=a.n,
+        score=not a.no_score,
         **sampling_args(a),
     )
     if a.stream:
@@ -173,8 +187,10 @@ def cmd_vbon(c: Client, a: argparse.Namespace) -> int:
         if not a.json:
             print()
             if adapter is not None:
-                print(f"\nadapter {adapter.name} v{adapter.version} (N={fmt(adapter.n)}, "
-                      f"beta={fmt(adapter.beta)}); reward {fmt(reward)}")
+                print(
+                    f"\nadapter {adapter.name} v{adapter.version} (N={fmt(adapter.n)}, "
+                    f"beta={fmt(adapter.beta)}); reward {fmt(reward)}"
+                )
         return 0
     r = c.vbon(**kwargs)
     if a.json:
@@ -183,10 +199,14 @@ def cmd_vbon(c: Client, a: argparse.Namespace) -> int:
     print(r.text.strip())
     print()
     ad = r.adapter
-    print(f"adapter {ad.name} v{ad.version} ({ad.method}, N={fmt(ad.n)}, beta={fmt(ad.beta)}, "
-          f"base {ad.base_model})")
-    print(f"reward {fmt(r.reward)}; logprob {fmt(r.cumulative_logprob)}; tokens "
-          f"{r.usage.completion_tokens}; time {r.timings.total_s:.2f} s")
+    print(
+        f"adapter {ad.name} v{ad.version} ({ad.method}, N={fmt(ad.n)}, beta={fmt(ad.beta)}, "
+        f"base {ad.base_model})"
+    )
+    print(
+        f"reward {fmt(r.reward)}; logprob {fmt(r.cumulative_logprob)}; tokens "
+        f"{r.usage.completion_tokens}; time {r.timings.total_s:.2f} s"
+    )
     return 0
 
 
@@ -197,8 +217,9 @@ def cmd_openai(c: Client, a: argparse.Namespace) -> int:
         if "prompt" not in args:
             from vbon.prompts import TASK_INSTRUCTION
 
-            args = {"prompt": TASK_INSTRUCTION.format(opening=a.text) if a.mode == "task"
-                    else a.text}
+            args = {
+                "prompt": TASK_INSTRUCTION.format(opening=a.text) if a.mode == "task" else a.text
+            }
         r = c.completions(a.model, args["prompt"], **fields)
     else:
         if "messages" not in args:
@@ -210,15 +231,18 @@ def cmd_openai(c: Client, a: argparse.Namespace) -> int:
     rows = [[ch.index, ch.reward, ch.finish_reason, ch.content] for ch in r.choices]
     print(text_table(["choice", "reward", "finish", "text"], rows))
     extra = f"; best of {r.bon['n']}, KL bound {r.bon['kl_bound']:.3f}" if r.bon else ""
-    print(f"\nmodel {r.model}; tokens {r.usage.prompt_tokens} prompt + "
-          f"{r.usage.completion_tokens} completion{extra}")
+    print(
+        f"\nmodel {r.model}; tokens {r.usage.prompt_tokens} prompt + "
+        f"{r.usage.completion_tokens} completion{extra}"
+    )
     return 0
 
 
 def cmd_info(c: Client, a: argparse.Namespace) -> int:
     if a.cmd == "health":
-        _print_json(c.health())
-        return 0
+        h = c.health()
+        _print_json(h)
+        return 0 if h.get("status") == "ok" else EXIT_ERROR
     if a.cmd == "reload":
         _print_json(c.reload_adapters())
         return 0
@@ -227,8 +251,9 @@ def cmd_info(c: Client, a: argparse.Namespace) -> int:
         if a.json:
             _print_json(m)
             return 0
-        print(text_table(["id", "kind", "N", "beta"],
-                         [[x.id, x.kind, x.n, x.beta] for x in m.data]))
+        print(
+            text_table(["id", "kind", "N", "beta"], [[x.id, x.kind, x.n, x.beta] for x in m.data])
+        )
         return 0
     r = c.ready()
     if a.json:
@@ -239,8 +264,12 @@ def cmd_info(c: Client, a: argparse.Namespace) -> int:
         eng, rew = r.engine or {}, r.reward or {}
         print(f"ready: model {eng.get('model')} ({eng.get('path')}); reward {rew.get('backend')}")
         if r.adapters:
-            print(text_table(["adapter", "version", "method", "N"],
-                             [[x["name"], x["version"], x["method"], x["n"]] for x in r.adapters]))
+            print(
+                text_table(
+                    ["adapter", "version", "method", "N"],
+                    [[x["name"], x["version"], x["method"], x["n"]] for x in r.adapters],
+                )
+            )
         else:
             print("no adapters installed")
         for name, why in r.refused_adapters.items():

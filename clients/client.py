@@ -228,8 +228,9 @@ class Client(_Requests):
         self.close()
 
     # -- transport --------------------------------------------------------------------------
-    def _send(self, method: str, path: str, *, json_body=None, admin=False, stream=False,
-              ok=(200,)) -> httpx.Response:
+    def _send(
+        self, method: str, path: str, *, json_body=None, admin=False, stream=False, ok=(200,)
+    ) -> httpx.Response:
         attempt = 0
         while True:
             try:
@@ -272,7 +273,9 @@ class Client(_Requests):
 
     # -- routes -----------------------------------------------------------------------------
     def health(self) -> dict[str, Any]:
-        return self._send("GET", "/health").json()
+        """Liveness: {"status": "ok"}, or {"status": "failed", "reason": ...} (a 503) when the
+        server's start-up failed for good."""
+        return self._send("GET", "/health", ok=(200, 503)).json()
 
     def ready(self) -> Ready:
         """Readiness; a 503 (still loading) is an answer here, not an error."""
@@ -394,8 +397,9 @@ class AsyncClient(_Requests):
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
-    async def _send(self, method: str, path: str, *, json_body=None, admin=False, stream=False,
-                    ok=(200,)) -> httpx.Response:
+    async def _send(
+        self, method: str, path: str, *, json_body=None, admin=False, stream=False, ok=(200,)
+    ) -> httpx.Response:
         attempt = 0
         while True:
             try:
@@ -437,7 +441,7 @@ class AsyncClient(_Requests):
             await resp.aclose()
 
     async def health(self) -> dict[str, Any]:
-        return (await self._send("GET", "/health")).json()
+        return (await self._send("GET", "/health", ok=(200, 503))).json()
 
     async def ready(self) -> Ready:
         return self.parse(Ready, await self._send("GET", "/ready", ok=(200, 503)))

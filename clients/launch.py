@@ -56,7 +56,12 @@ class LocalServer:
             try:
                 if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
                     return
-            except httpx.HTTPError:
+                health = httpx.get(self.url + "/health", timeout=2)
+                if health.status_code == 503 and health.json().get("status") == "failed":
+                    reason = health.json().get("reason")
+                    self.stop()
+                    raise LaunchFailed(f"the gateway failed to start: {reason} ({self.log_path})")
+            except (httpx.HTTPError, ValueError):
                 pass
             time.sleep(1)
         self.stop()

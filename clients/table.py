@@ -45,8 +45,9 @@ def text_table(
             w = widths[i]
             if len(p) > w:
                 p = p[: max(1, w - 1)] + "…"
-            out.append(p.ljust(w) if i == len(parts) - 1 else p.rjust(w) if _numeric(p) else
-                       p.ljust(w))
+            out.append(
+                p.ljust(w) if i == len(parts) - 1 else p.rjust(w) if _numeric(p) else p.ljust(w)
+            )
         return "  ".join(out).rstrip()
 
     sep = "  ".join("-" * w for w in widths)
@@ -66,8 +67,12 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
         return _one_line(fmt(v)).replace("|", "\\|")
 
     out = ["| " + " | ".join(esc(h) for h in headers) + " |"]
-    out.append("|" + "|".join("---:" if _numeric(esc(rows[0][i])) else "---"
-                             for i in range(len(headers))) + "|" if rows else
-               "|" + "|".join("---" for _ in headers) + "|")
+    out.append(
+        "|"
+        + "|".join("---:" if _numeric(esc(rows[0][i])) else "---" for i in range(len(headers)))
+        + "|"
+        if rows
+        else "|" + "|".join("---" for _ in headers) + "|"
+    )
     out += ["| " + " | ".join(esc(c) for c in row) + " |" for row in rows]
     return "\n".join(out)

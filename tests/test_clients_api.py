@@ -203,7 +203,7 @@ def test_retry_policy_backoff_and_retry_after_date() -> None:
     with Client(
         "http://x", transport=httpx.MockTransport(handler), retry=policy, sleep=sleeps.append
     ) as c:
-        assert c.health() == {"status": "ok"}
+        assert "ok" in c.metrics()
     assert len(calls) == 3
     assert 0.05 <= sleeps[0] <= 0.1  # backoff 0.1 * 2**0 with jitter, no Retry-After
     assert sleeps[1] == 2.0  # Retry-After wins over the 0.2 s backoff
@@ -380,3 +380,15 @@ def test_bench_unreachable(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
         ]
     )
     assert rc == 1 and "cannot reach the gateway" in capsys.readouterr().err
+
+
+def test_health_reports_failed_start_up() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(503, json={"status": "failed", "reason": "no model at /x"})
+
+    sleeps: list[float] = []
+    with Client("http://x", transport=httpx.MockTransport(handler), sleep=sleeps.append) as c:
+        assert c.health() == {"status": "failed", "reason": "no model at /x"}
+        with pytest.raises(ServiceUnavailable, match="HTTP 503"):
+            c.models()  # not an error body: the status line and the text are the message
+    assert len(sleeps) == 3  # models() retried 503 three times; health() did not

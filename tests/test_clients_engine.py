@@ -103,6 +103,10 @@ def test_bench_tiny_against_real_engine(server: ServerProcess, tmp_path: Path) -
             "4",
             "--hf-prompts",
             "2",
+            # One torch thread: two OpenMP threads crawl when other jobs share the cores, and
+            # this test checks the comparison's bookkeeping, not its speed.
+            "--hf-threads",
+            "1",
             "--out",
             str(out),
             "--no-progress",
@@ -124,7 +128,7 @@ def test_bench_tiny_against_real_engine(server: ServerProcess, tmp_path: Path) -
     assert 2.8 <= mean["bon-4"] / mean["base"] <= 4.6, mean
     assert 0.6 <= mean["vbon"] / mean["base"] <= 1.5, mean
     (hf,) = data["hf_comparison"]
-    assert hf["n"] == 4 and hf["prompts"] == 2
+    assert hf["n"] == 4 and hf["prompts"] == 2 and data["hf_setup"]["threads"] == 1
     assert hf["speedup_c1"] == pytest.approx(hf["gw_c1_answers_per_s"] / hf["hf_answers_per_s"])
     assert 4 <= hf["hf_tokens_per_answer"] <= 32 and 4 <= hf["gw_tokens_per_answer"] <= 32
     assert -1 <= hf["hf_mean_reward"] <= 1
@@ -172,8 +176,8 @@ def test_eval_tiny(adapters: Path, tmp_path: Path, embedded_model: Path) -> None
     assert ad["kind"] == "vbon" and ad["n"] == 4 and ad["prompts"] == 5
     # A random LoRA moves far from the base: the estimate is finite and positive.
     assert math.isfinite(ad["kl"]) and ad["kl"] > 0
-    # The adapter's log-probs from scoring match those reported while sampling.
-    assert ad["logprob_check_mean_abs"] < 0.5
+    # Teacher-forced log-probs (fp32) match the engine's own while sampling (bf16 here).
+    assert ad["logprob_check_mean_abs"] < 0.75
     for r in rows.values():
         assert 0 <= r["win_rate"] <= 1 and -1 <= r["mean_reward"] <= 1
     md = (out / "eval.md").read_text()
