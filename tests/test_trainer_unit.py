@@ -152,9 +152,11 @@ def test_reference_cache_is_keyed(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         return [ReferenceRow(o, ["r"] * m, [float(i) for i in range(m)]) for o in openings]
 
     monkeypatch.setattr(ref, "compute_reference", fake_compute)
+    model = tmp_path / "model"
+    model.mkdir()
     kw = dict(
-        cache_dir=tmp_path,
-        model_path=str(tmp_path),
+        cache_dir=tmp_path / "cache",
+        model_path=str(model),
         reward=FakeReward(),
         engine_settings=None,
         sampling=Sampling(),

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
 logger = logging.getLogger(__name__)
+
+CHECKPOINT_COMPLETE = ".vbon-complete"
 
 
 def sequence_kl(entry: dict) -> float | None:
@@ -38,12 +41,19 @@ class JobCallback(TrainerCallback):
         self.t0 = time.monotonic()
         self.offset = 0.0
         self.stop_reason: str | None = None
+        self.cpu0 = time.process_time()
+        self.cpu_offset = 0.0
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.t0 = time.monotonic()
         # A resumed run continues the clock of the run it resumes.
         past = [e["elapsed_s"] for e in state.log_history if "elapsed_s" in e]
         self.offset = float(past[-1]) if past else 0.0
+        # CPU seconds of this process (all its threads): comparable across runs on a shared
+        # machine, where wall-clock time depends on what else runs.
+        self.cpu0 = time.process_time()
+        past_cpu = [e["cpu_s"] for e in state.log_history if "cpu_s" in e]
+        self.cpu_offset = float(past_cpu[-1]) if past_cpu else 0.0
         if self.progress:
             self.bar = tqdm(
                 total=state.max_steps, initial=state.global_step, desc="train", unit="step",
@@ -65,6 +75,7 @@ class JobCallback(TrainerCallback):
         if "loss" not in entry and "reward" not in entry:
             return
         entry["elapsed_s"] = round(self.offset + time.monotonic() - self.t0, 2)
+        entry["cpu_s"] = round(self.cpu_offset + time.process_time() - self.cpu0, 2)
         kl = sequence_kl(entry)
         if kl is not None:
             entry["kl_seq"] = kl
@@ -88,6 +99,12 @@ class JobCallback(TrainerCallback):
                     f"step {state.global_step}"
                 )
                 control.should_training_stop = True
+
+    def on_save(self, args, state, control, **kwargs):
+        # Called after the Trainer has written every file of the checkpoint.
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if folder.is_dir():
+            (folder / CHECKPOINT_COMPLETE).write_text(str(state.global_step))
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.bar is not None:

@@ -99,13 +99,13 @@ class TrainConfig:
         },
     )
     # --- optimisation ------------------------------------------------------------------------
-    steps: int = field(default=100, metadata={"help": "Optimizer steps."})
+    steps: int = field(default=60, metadata={"help": "Optimizer steps."})
     prompts_per_step: int = field(default=4, metadata={"help": "Prompts per optimizer step."})
     completions_per_prompt: int = field(
         default=4,
         metadata={"help": "Rollouts per prompt (RLOO's leave-one-out group size); >= 2."},
     )
-    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate."})
+    learning_rate: float = field(default=2e-4, metadata={"help": "AdamW learning rate."})
     lr_schedule: str = field(
         default="constant", metadata={"help": "transformers lr scheduler type (constant, linear, "
                                                "cosine)."}

@@ -9,6 +9,7 @@ from pathlib import Path
 COLUMNS = {
     "step": "step",
     "elapsed_s": "elapsed_s",
+    "cpu_s": "cpu_s",
     "raw_reward": "reward",
     "log_fhat": "log_fhat",
     "reward": "train_reward",  # what the optimiser saw (log F-hat, exact or raw)

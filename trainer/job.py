@@ -70,10 +70,21 @@ def prompts_sha256(openings: list[str]) -> str:
 
 
 def last_checkpoint(run_dir: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+    """The newest checkpoint that was saved completely (a kill during a save leaves a partial
+    folder without the marker that JobCallback.on_save writes last)."""
+    from trainer.callbacks import CHECKPOINT_COMPLETE
 
     ckpt = run_dir / CHECKPOINTS
-    return get_last_checkpoint(str(ckpt)) if ckpt.is_dir() else None
+    if not ckpt.is_dir():
+        return None
+    done = [
+        p
+        for p in ckpt.glob("checkpoint-*")
+        if p.name.split("-")[-1].isdigit() and (p / CHECKPOINT_COMPLETE).is_file()
+    ]
+    if not done:
+        return None
+    return str(max(done, key=lambda p: int(p.name.split("-")[-1])))
 
 
 def torch_dtype_choice(cfg: TrainConfig) -> str:
@@ -112,11 +123,11 @@ def prepare(cfg: TrainConfig) -> Job:
 
     rows = None
     if cfg.reference_from:
-        if cfg.method == "kl-rl":
-            raise ConfigError("--reference-from is for --method vbon / bon-sft only")
         rows = _read_reference(cfg)
         openings = [r.prompt for r in rows]
         source = f"file:{cfg.reference_from}"
+        if cfg.method == "kl-rl":  # only its prompts are used
+            rows, source = None, f"prompts of {cfg.reference_from}"
     else:
         openings = load_prompts(cfg.prompts or default_prompt_file("train"))
         if cfg.num_prompts:
@@ -151,7 +162,8 @@ def prepare(cfg: TrainConfig) -> Job:
 def _read_reference(cfg: TrainConfig) -> list[ReferenceRow]:
     from trainer.reference import read_reference_file
 
-    rows = read_reference_file(Path(cfg.reference_from), min_samples=cfg.n)
+    need = cfg.n if cfg.method != "kl-rl" else 1
+    rows = read_reference_file(Path(cfg.reference_from), min_samples=need)
     if cfg.num_prompts:
         rows = rows[: cfg.num_prompts]
     if cfg.method == "bon-sft" and any(not r.responses for r in rows):

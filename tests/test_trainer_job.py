@@ -1,0 +1,187 @@
+"""The training job end to end on a tiny configuration (embedded model, reference samples from a
+file, a few steps of a few tokens; no vLLM): a valid adapter whose LoRA weights moved, the
+baselines, kill-and-resume, and bad input failing before any long work."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from trainer.job import main
+from vbon.adapters import validate_adapter
+
+ROOT = Path(__file__).resolve().parent.parent
+OPENINGS = ["The film was", "I rented this", "The acting is", "This sequel"]
+
+
+@pytest.fixture(scope="module")
+def reference_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """What the gateway's BoN log holds: prompts with 8 responses and their rewards."""
+    rng = random.Random(0)
+    words = ["good", "bad", "fine", "great", "awful", "okay", "superb", "dull"]
+    path = tmp_path_factory.mktemp("ref") / "bon-log.jsonl"
+    with path.open("w") as fh:
+        for o in OPENINGS:
+            responses = [" ".join(rng.choice(words) for _ in range(4)) for _ in range(8)]
+            rewards = [rng.uniform(-1, 1) for _ in range(8)]
+            fh.write(json.dumps({"prompt": o, "responses": responses, "rewards": rewards}) + "\n")
+    return path
+
+
+def tiny(ref: Path, tmp: Path, name: str = "vbon-tiny", *extra: str) -> list[str]:
+    return [
+        "--reference-from", str(ref),
+        "--n", "4",
+        "--m", "8",
+        "--steps", "3",
+        "--prompts-per-step", "2",
+        "--completions-per-prompt", "2",
+        "--max-tokens", "6",
+        "--lora-rank", "4",
+        "--evaluate", "false",
+        "--checkpoint-every", "1",
+        "--work-dir", str(tmp / "runs"),
+        "--output", str(tmp / "adapters" / name),
+        *extra,
+    ]  # fmt: skip
+
+
+def lora_b_norm(folder: Path) -> float:
+    from safetensors.torch import load_file
+
+    weights = load_file(str(folder / "adapter_model.safetensors"))
+    b = [v for k, v in weights.items() if "lora_B" in k]
+    assert b, "no LoRA B matrices saved"
+    return float(sum(t.float().norm() for t in b))
+
+
+def no_partial_folders(parent: Path) -> bool:
+    if not parent.exists():
+        return True
+    return not [p for p in parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+
+
+def test_tiny_vbon_run_publishes_a_valid_trained_adapter(reference_file: Path, tmp_path: Path):
+    assert main(tiny(reference_file, tmp_path)) == 0
+    out = tmp_path / "adapters" / "vbon-tiny"
+    meta = validate_adapter(out, max_rank=16)
+    assert (meta.name, meta.method, meta.objective, meta.n, meta.m) == (
+        "vbon-tiny", "vbon", "bound", 4, 8
+    )
+    assert meta.beta == pytest.approx(1 / 3)
+    assert meta.steps == 3 and meta.seed == 0 and meta.sampling["top_k"] == 0
+    assert meta.versions["trl"] and meta.prompts_sha256
+    # LoRA B starts at zero: a non-zero B means the weights moved from their initialisation.
+    assert lora_b_norm(out) > 0
+    curves = (out / "curves.csv").read_text().splitlines()
+    assert curves[0].startswith("step,") and len(curves) == 1 + 3
+    assert "kl_seq" in curves[0] and "log_fhat" in curves[0]
+    assert (out / "curves.png").stat().st_size > 0
+    assert no_partial_folders(out.parent)
+
+
+def test_baselines_and_exact_objective(
+    reference_file: Path, tmp_path: Path, tiny_classifier: Path
+):
+    # A classifier reward: VADER scores most 6-token texts 0, which leaves nothing to learn.
+    assert main(tiny(reference_file, tmp_path, "klrl", "--method", "kl-rl", "--beta", "0.1",
+                     "--steps", "2", "--reward", f"hf:{tiny_classifier}")) == 0
+    meta = validate_adapter(tmp_path / "adapters" / "klrl")
+    assert (meta.method, meta.beta, meta.objective) == ("kl-rl", 0.1, None)
+    assert lora_b_norm(tmp_path / "adapters" / "klrl") > 0
+
+    assert main(tiny(reference_file, tmp_path, "sft", "--method", "bon-sft",
+                     "--sft-epochs", "1")) == 0
+    meta = validate_adapter(tmp_path / "adapters" / "sft")
+    assert meta.method == "bon-sft" and meta.n == 4 and meta.steps >= 1
+    assert lora_b_norm(tmp_path / "adapters" / "sft") > 0
+
+    assert main(tiny(reference_file, tmp_path, "exact", "--objective", "exact",
+                     "--steps", "2")) == 0
+    meta = validate_adapter(tmp_path / "adapters" / "exact")
+    assert meta.objective == "exact"
+
+
+def test_kill_and_resume(reference_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
+    args = tiny(reference_file, tmp_path, "vbon-resume", "--steps", "8")
+    ckpt = tmp_path / "runs" / "vbon-resume" / "checkpoints"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trainer", *args], cwd=ROOT, env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 600
+        while not (ckpt / "checkpoint-2").is_dir():
+            assert proc.poll() is None, "the run ended before its second checkpoint"
+            assert time.monotonic() < deadline, "no checkpoint after 10 minutes"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    out = tmp_path / "adapters" / "vbon-resume"
+    assert not out.exists() and no_partial_folders(out.parent)
+
+    # A resume with other settings is refused before any work.
+    assert main([*args, "--resume", "--learning-rate", "0.5"]) == 2
+    assert "differ" in capsys.readouterr().err
+
+    assert main([*args, "--resume"]) == 0
+    meta = validate_adapter(out)
+    assert meta.steps == 8
+    steps = [int(line.split(",")[0]) for line in (out / "curves.csv").read_text().splitlines()[1:]]
+    assert steps == list(range(1, 9))
+    assert no_partial_folders(out.parent)
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("case", "needle"),
+    [
+        ("missing-prompts", "does not exist"),
+        ("empty-prompts", "holds no prompts"),
+        ("bad-model", "does not exist"),
+        ("bad-reward", "unknown reward backend"),
+        ("output-exists", "--overwrite"),
+        ("resume-nothing", "no earlier run"),
+        ("small-m", "must be >= --n"),
+        ("short-reference", "fewer than 16"),
+    ],
+)
+def test_bad_input_fails_fast_and_writes_nothing(
+    case: str, needle: str, tmp_path: Path, reference_file: Path, capsys: pytest.CaptureFixture
+):
+    out = tmp_path / "adapters" / "x"
+    base = ["--work-dir", str(tmp_path / "runs"), "--output", str(out), "--evaluate", "false"]
+    extra = {
+        "missing-prompts": ["--prompts", str(tmp_path / "nope.jsonl")],
+        "empty-prompts": ["--prompts", str(_write(tmp_path / "empty.jsonl", "\n"))],
+        "bad-model": ["--model", str(tmp_path / "no-model")],
+        "bad-reward": ["--reward", "sentiment-9000"],
+        "output-exists": [],
+        "resume-nothing": ["--resume"],
+        "small-m": ["--n", "8", "--m", "4"],
+        "short-reference": ["--reference-from", str(reference_file), "--n", "16", "--m", "16"],
+    }[case]
+    if case == "output-exists":
+        out.mkdir(parents=True)
+    assert main([*base, *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and needle in err
+    assert not (tmp_path / "runs").exists()
+    assert out.exists() == (case == "output-exists")
