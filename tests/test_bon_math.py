@@ -36,7 +36,7 @@ def test_cdf_hat_is_monotone_and_scale_free(refs: list[float], a: float, b: floa
     s = sorted(refs)
     assert cdf_hat(s, lo) <= cdf_hat(s, hi)
     # Only ranks matter: a monotone map of every reward changes nothing.
-    f = lambda x: 3 * x + 7  # noqa: E731
+    f = lambda x: 2 * x  # noqa: E731  (exact in floating point: no ties appear or vanish)
     assert cdf_hat(sorted(f(x) for x in refs), f(lo)) == cdf_hat(s, lo)
 
 
