@@ -12,10 +12,10 @@ from vbon.vllm_patches import make_lora_ops
 
 @pytest.fixture(scope="module")
 def ops():
-    import vllm.lora.ops.torch_ops.lora_ops as lora_ops
-
     # The stock functions, even if the plugin already patched this process.
     import importlib
+
+    import vllm.lora.ops.torch_ops.lora_ops as lora_ops
 
     fresh = importlib.reload(lora_ops)
     orig = types.SimpleNamespace(
