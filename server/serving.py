@@ -4,6 +4,7 @@ ranking, logging. Routers stay thin; this module holds what BoN and vBoN mean.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -133,15 +134,15 @@ class Gateway:
             ) from exc
 
     # -- engine calls ---------------------------------------------------------------------
-    async def generate(
-        self, prompt: str, sampling: Sampling, n: int, route: str, lora: LoraRef | None = None
-    ) -> Generation:
-        request_id = new_id("gen")
-        with self.budget.hold(n):
+    @contextlib.asynccontextmanager
+    async def _engine_call(self, samples: int) -> AsyncIterator[None]:
+        """Admission, the per-request timeout and the engine's errors as API errors, for
+        every call into the backend (whole generations and streams alike)."""
+        with self.budget.hold(samples):
             self.metrics.samples_in_flight.set(self.budget.in_flight)
             try:
                 async with asyncio.timeout(self.settings.request_timeout_s):
-                    gen = await self.backend.generate(prompt, sampling, n, request_id, lora)
+                    yield
             except TimeoutError:
                 raise APIError(
                     504,
@@ -153,7 +154,13 @@ class Gateway:
             except UpstreamError as exc:  # remote mode: 502 / 504 naming the upstream
                 raise APIError(exc.status_code, str(exc), code="upstream_error") from exc
             finally:
-                self.metrics.samples_in_flight.set(self.budget.in_flight - n)
+                self.metrics.samples_in_flight.set(self.budget.in_flight - samples)
+
+    async def generate(
+        self, prompt: str, sampling: Sampling, n: int, route: str, lora: LoraRef | None = None
+    ) -> Generation:
+        async with self._engine_call(n):
+            gen = await self.backend.generate(prompt, sampling, n, new_id("gen"), lora)
         self.metrics.samples.labels(route).inc(len(gen.samples))
         self.metrics.tokens.labels(route, "prompt").inc(gen.prompt_tokens)
         self.metrics.tokens.labels(route, "completion").inc(sum(s.tokens for s in gen.samples))
@@ -289,22 +296,10 @@ class Gateway:
         self, prompt: str, sampling: Sampling, route: str, lora: LoraRef | None = None
     ) -> AsyncIterator[Any]:
         """Deltas of one sample; admission and timeout as for generate()."""
-        request_id = new_id("stream")
-        with self.budget.hold(1):
-            self.metrics.samples_in_flight.set(self.budget.in_flight)
-            tokens = 0
-            try:
-                async with asyncio.timeout(self.settings.request_timeout_s):
-                    async for delta in self.backend.stream(prompt, sampling, request_id, lora):
-                        tokens += delta.tokens
-                        yield delta
-            except TimeoutError:
-                raise APIError(504, "generation timed out (VBON_REQUEST_TIMEOUT_S)") from None
-            except EngineUnavailable as exc:
-                raise APIError(503, str(exc)) from exc
-            except UpstreamError as exc:
-                raise APIError(exc.status_code, str(exc), code="upstream_error") from exc
-            finally:
-                self.metrics.samples_in_flight.set(self.budget.in_flight - 1)
+        tokens = 0
+        async with self._engine_call(1):
+            async for delta in self.backend.stream(prompt, sampling, new_id("stream"), lora):
+                tokens += delta.tokens
+                yield delta
         self.metrics.samples.labels(route).inc()
         self.metrics.tokens.labels(route, "completion").inc(tokens)
