@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import math
 import os
 import platform
@@ -39,6 +38,7 @@ from typing import Any
 
 from clients.client import AsyncClient, RetryPolicy
 from clients.errors import APIError, VBoNClientError
+from clients.report import write_report
 from clients.table import markdown_table
 
 EXIT_ERROR = 1
@@ -993,14 +993,7 @@ def _main(args: argparse.Namespace) -> int:
         "hf_comparison": hf_rows,
         "notes": notes,
     }
-    (out / "bench.json").write_text(json.dumps(result, indent=2))
-    md = render_markdown(result)
-    (out / "bench.md").write_text(md)
-    files = plot(result, out)
-    print(md)
-    print(
-        f"wrote {out / 'bench.json'}, {out / 'bench.md'}, " + ", ".join(str(out / f) for f in files)
-    )
+    write_report(out, "bench", result, render_markdown, plot)
     return 0
 
 

@@ -25,7 +25,6 @@ marked: no other policy has both lower KL and higher reward / win rate).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import sys
@@ -33,6 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from clients.report import write_report
 from clients.table import markdown_table
 
 EXIT_ERROR = 1
@@ -523,14 +523,7 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
         "config": cfg,
         **result,
     }
-    (out / "eval.json").write_text(json.dumps(result, indent=2))
-    md = render_markdown(result)
-    (out / "eval.md").write_text(md)
-    files = plot(result, out)
-    print(md)
-    print(
-        f"wrote {out / 'eval.json'}, {out / 'eval.md'}, " + ", ".join(str(out / f) for f in files)
-    )
+    write_report(out, "eval", result, render_markdown, plot)
     return 0
 
 
