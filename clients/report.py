@@ -3,12 +3,11 @@ evaluation. JSON and markdown are replaced atomically, so a killed run never lea
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from vbon.adapters import write_json_atomic
+from vbon.adapters import write_json_atomic, write_text_atomic
 
 
 def write_report(
@@ -20,9 +19,7 @@ def write_report(
 ) -> None:
     write_json_atomic(out / f"{stem}.json", result)
     md = render_markdown(result)
-    tmp = out / f".{stem}.md.tmp-{os.getpid()}"
-    tmp.write_text(md)
-    os.replace(tmp, out / f"{stem}.md")
+    write_text_atomic(out / f"{stem}.md", md)
     files = plot(result, out)
     print(md)
     print(

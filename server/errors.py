@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 _TYPES = {
@@ -22,6 +23,47 @@ _TYPES = {
     502: "upstream_error",
     503: "service_unavailable",
     504: "timeout_error",
+}
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """The body of every non-2xx answer (OpenAI's error shape)."""
+
+    error: ErrorDetail
+
+
+_DESCRIPTIONS = {
+    400: "Bad input: the message names the field and the allowed range",
+    401: "Missing or wrong API key",
+    403: "Admin routes are off (no VBON_ADMIN_KEY)",
+    404: "Unknown adapter or model",
+    413: "Request body over VBON_MAX_BODY_BYTES",
+    429: "Too many samples in flight; retry after Retry-After seconds",
+    500: "The reward model failed",
+    502: "The remote engine failed",
+    503: "Engine not ready or dead; retry after Retry-After seconds",
+    504: "Request over VBON_REQUEST_TIMEOUT_S",
+}
+# What a generation route can answer besides 200 (documented, so clients and schema-based
+# fuzzers know every status they may see).
+GENERATION_ERRORS = (400, 401, 404, 413, 429, 500, 502, 503, 504)
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses=` entries for these statuses, all with the error shape."""
+    return {s: {"model": ErrorResponse, "description": _DESCRIPTIONS[s]} for s in statuses}
+
+
+# Streaming routes answer server-sent events when the request says `"stream": true`.
+STREAM_RESPONSE: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}
 }
 
 
@@ -101,7 +143,9 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = exc.detail if isinstance(exc.detail, str) else "request failed"
-        if exc.status_code == 404:
+        if exc.status_code == 400 and message == "There was an error parsing the body":
+            message = "the body is not UTF-8 JSON (or nests too deeply): send a JSON object"
+        elif exc.status_code == 404:
             message = "no such route: see /docs for the API"
         elif exc.status_code == 405:
             message = "method not allowed on this route"

@@ -110,34 +110,30 @@ class BodyLimitMiddleware:
                         send, 413, f"request body over {self.max_bytes} bytes (VBON_MAX_BODY_BYTES)"
                     )
         seen = 0
-        started = False
+        refused = False  # the 413 went out: the app's own answer is dropped
 
         async def limited_receive() -> Any:
-            nonlocal seen
+            nonlocal seen, refused
+            if refused:
+                return {"type": "http.disconnect"}
             msg = await receive()
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
                 if seen > self.max_bytes:
-                    raise _BodyTooLarge
+                    # Answer now and tell the app the client left: raising here would reach
+                    # FastAPI's body parser, which turns any error into a 400.
+                    refused = True
+                    await _send_error(
+                        send, 413, f"request body over {self.max_bytes} bytes (VBON_MAX_BODY_BYTES)"
+                    )
+                    return {"type": "http.disconnect"}
             return msg
 
-        async def tracking_send(msg: Any) -> None:
-            nonlocal started
-            if msg["type"] == "http.response.start":
-                started = True
-            await send(msg)
+        async def guarded_send(msg: Any) -> None:
+            if not refused:
+                await send(msg)
 
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except _BodyTooLarge:
-            if not started:
-                await _send_error(
-                    send, 413, f"request body over {self.max_bytes} bytes (VBON_MAX_BODY_BYTES)"
-                )
-
-
-class _BodyTooLarge(Exception):
-    pass
+        await self.app(scope, limited_receive, guarded_send)
 
 
 class MetricsMiddleware:

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from server.protocol import ChatMessage
+from server.protocol import ChatMessage, Text
 from vbon.sampling import DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, Sampling
 
 
@@ -19,18 +19,18 @@ class _OpenAIBase(BaseModel):
 
     model: str = Field(description="Base model, 'bon' / 'bon-<N>', or a vBoN adapter name.")
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(DEFAULT_TEMPERATURE, ge=0.0, le=2.0)
-    top_p: float = Field(DEFAULT_TOP_P, gt=0.0, le=1.0)
+    temperature: float = Field(DEFAULT_TEMPERATURE, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float = Field(DEFAULT_TOP_P, gt=0.0, le=1.0, allow_inf_nan=False)
     top_k: int = Field(0, ge=0, description="Extension (vLLM): 0 disables top-k.")
     n: int = Field(1, ge=1, description="Choices returned.")
     best_of: int | None = Field(None, ge=1, description="Samples drawn; the n best by reward.")
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     user: str | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: float = Field(0.0, allow_inf_nan=False)
+    frequency_penalty: float = Field(0.0, allow_inf_nan=False)
     logprobs: Any = None
 
     @model_validator(mode="after")
@@ -67,7 +67,7 @@ class _OpenAIBase(BaseModel):
 
 
 class CompletionRequest(_OpenAIBase):
-    prompt: str | list[str] = Field(description="Text to continue (one string, or a list).")
+    prompt: Text | list[Text] = Field(description="Text to continue (one string, or a list).")
     echo: bool = False
     suffix: str | None = None
 
@@ -108,3 +108,55 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class CompletionUsage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int = Field(description="All samples drawn, also the ones not returned.")
+    total_tokens: int
+
+
+class BoNInfo(BaseModel):
+    n: int = Field(description="Samples drawn for best-of.")
+    kl_bound: float = Field(description="log N - (N-1)/N, the bound on KL(BoN || base).")
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: str | None
+    logprobs: None = None
+    reward: float | None = Field(None, description="Extension: the reward (best-of only).")
+
+
+class ChatMessageOut(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatMessageOut
+    finish_reason: str | None
+    logprobs: None = None
+    reward: float | None = Field(None, description="Extension: the reward (best-of only).")
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: CompletionUsage
+    bon: BoNInfo | None = Field(None, description="Extension: present for best-of requests.")
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: CompletionUsage
+    bon: BoNInfo | None = Field(None, description="Extension: present for best-of requests.")

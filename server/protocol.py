@@ -5,9 +5,9 @@ and the evaluation. Range checks live here, so a bad field gets a 400 that names
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from vbon.sampling import (
     DEFAULT_MAX_TOKENS,
@@ -18,10 +18,25 @@ from vbon.sampling import (
 )
 
 
+def _encodable(text: str) -> str:
+    # JSON may carry lone surrogates ("\ud800"); they cannot be tokenized or echoed as UTF-8,
+    # so they are refused here rather than failing deep in the engine.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"holds invalid Unicode at position {exc.start} ({exc.reason}): send UTF-8 text"
+        ) from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_encodable)]
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: Text
 
 
 class PromptFields(BaseModel):
@@ -30,16 +45,16 @@ class PromptFields(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str | None = Field(None, description="Raw text to continue.")
+    prompt: Text | None = Field(None, description="Raw text to continue.")
     messages: list[ChatMessage] | None = Field(None, description="A chat to answer.")
     max_tokens: int = Field(DEFAULT_MAX_TOKENS, ge=1, description="Tokens per sample.")
-    temperature: float = Field(DEFAULT_TEMPERATURE, ge=0.0, le=10.0)
-    top_p: float = Field(DEFAULT_TOP_P, gt=0.0, le=1.0)
+    temperature: float = Field(DEFAULT_TEMPERATURE, ge=0.0, le=10.0, allow_inf_nan=False)
+    top_p: float = Field(DEFAULT_TOP_P, gt=0.0, le=1.0, allow_inf_nan=False)
     top_k: int = Field(DEFAULT_TOP_K, ge=0, description="0 disables top-k.")
     seed: int | None = Field(
         None, ge=0, le=2**31 - 1, description="Candidate i samples with seed + i."
     )
-    stop: list[str] | str | None = Field(None, description="Up to 4 stop strings.")
+    stop: list[Text] | Text | None = Field(None, description="Up to 4 stop strings.")
 
     @model_validator(mode="after")
     def _one_prompt(self) -> PromptFields:

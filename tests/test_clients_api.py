@@ -7,15 +7,12 @@ import asyncio
 import math
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 
 from clients import (
     AsyncClient,
@@ -34,7 +31,7 @@ from server.app import create_app
 from server.backend import FakeBackend
 from server.settings import ServerSettings
 from tests.adapters_util import make_fake_adapter
-from tests.server_proc import free_port
+from tests.server_proc import free_port, serve_in_thread
 
 ROOT = Path(__file__).resolve().parent.parent
 MSGS = [{"role": "user", "content": "Continue: The film was"}]
@@ -51,19 +48,8 @@ def serve(tmp: Path, backend: FakeBackend | None = None, reward_factory=None, **
     )
     fake = backend or FakeBackend()
     app = create_app(settings, backend_factory=lambda s: fake, reward_factory=reward_factory)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    with serve_in_thread(app) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -50,12 +50,15 @@ def ks_statistic(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
 def statistics(job: Job, model, tok, openings, prompt_ids, completion_ids, texts):
     reward = job.reward
     r = np.array(
-        [reward.score([o] * PER_PROMPT, texts[i * PER_PROMPT : (i + 1) * PER_PROMPT])
-         for i, o in enumerate(openings)]
+        [
+            reward.score([o] * PER_PROMPT, texts[i * PER_PROMPT : (i + 1) * PER_PROMPT])
+            for i, o in enumerate(openings)
+        ]
     )
     lengths = np.array([len(c) for c in completion_ids], dtype=float).reshape(len(openings), -1)
-    lp = completion_logprobs(model, prompt_ids, completion_ids, pad_id=tok.pad_token_id,
-                             disable_adapter=True)
+    lp = completion_logprobs(
+        model, prompt_ids, completion_ids, pad_id=tok.pad_token_id, disable_adapter=True
+    )
     per_token = (np.array(lp) / np.maximum(lengths.ravel(), 1)).reshape(len(openings), -1)
     return r, lengths, per_token
 
@@ -69,18 +72,32 @@ def test_training_rollouts_match_vllm(embedded_model: Path, tmp_path: Path) -> N
     llm = build_llm(CoreSettings(), model_path=str(embedded_model))
     try:
         tok_v = llm.get_tokenizer()
-        outs = llm.generate([render_task(tok_v, o) for o in openings],
-                            vllm_params(sampling, n=PER_PROMPT), use_tqdm=False)
+        outs = llm.generate(
+            [render_task(tok_v, o) for o in openings],
+            vllm_params(sampling, n=PER_PROMPT),
+            use_tqdm=False,
+        )
     finally:
         close_llm(llm)
     v_prompt_ids = [list(o.prompt_token_ids) for o in outs for _ in o.outputs]
     v_comp_ids = [list(c.token_ids) for o in outs for c in o.outputs]
     v_texts = [c.text for o in outs for c in o.outputs]
 
-    cfg = TrainConfig(max_tokens=MAX_TOKENS, completions_per_prompt=PER_PROMPT,
-                      evaluate=False, work_dir=str(tmp_path), output=str(tmp_path / "x"))
-    job = Job(cfg=cfg, model_path=str(embedded_model), sampling=sampling, openings=openings,
-              reward=load_reward("vader"), engine_settings=None)
+    cfg = TrainConfig(
+        max_tokens=MAX_TOKENS,
+        completions_per_prompt=PER_PROMPT,
+        evaluate=False,
+        work_dir=str(tmp_path),
+        output=str(tmp_path / "x"),
+    )
+    job = Job(
+        cfg=cfg,
+        model_path=str(embedded_model),
+        sampling=sampling,
+        openings=openings,
+        reward=load_reward("vader"),
+        engine_settings=None,
+    )
     trainer, _ = build_rloo_trainer(job, None, progress=False)
     tok = trainer.processing_class
     model = trainer.accelerator.unwrap_model(trainer.model)
@@ -101,11 +118,14 @@ def test_training_rollouts_match_vllm(embedded_model: Path, tmp_path: Path) -> N
 
     v = statistics(job, model, tok, openings, v_prompt_ids, v_comp_ids, v_texts)
     t = statistics(job, model, tok, openings, t_prompt_ids, t_comp_ids, t_texts)
-    z = {name: paired_z(a, b) for name, a, b in zip(("reward", "length", "logp"), v, t,
-                                                     strict=True)}
+    z = {
+        name: paired_z(a, b) for name, a, b in zip(("reward", "length", "logp"), v, t, strict=True)
+    }
     d, crit = ks_statistic(v[0], t[0])
-    report = f"z={z}, KS={d:.3f} (critical {crit:.3f}), means v={[x.mean() for x in v]} " \
-             f"t={[x.mean() for x in t]}"
+    report = (
+        f"z={z}, KS={d:.3f} (critical {crit:.3f}), means v={[x.mean() for x in v]} "
+        f"t={[x.mean() for x in t]}"
+    )
     assert all(abs(x) < 4.0 for x in z.values()), report
     assert d < crit, report
 

@@ -74,7 +74,11 @@ def test_tiny_vbon_run_publishes_a_valid_trained_adapter(reference_file: Path, t
     out = tmp_path / "adapters" / "vbon-tiny"
     meta = validate_adapter(out, max_rank=16)
     assert (meta.name, meta.method, meta.objective, meta.n, meta.m) == (
-        "vbon-tiny", "vbon", "bound", 4, 8
+        "vbon-tiny",
+        "vbon",
+        "bound",
+        4,
+        8,
     )
     assert meta.beta == pytest.approx(1 / 3)
     assert meta.steps == 3 and meta.seed == 0 and meta.sampling["top_k"] == 0
@@ -88,24 +92,40 @@ def test_tiny_vbon_run_publishes_a_valid_trained_adapter(reference_file: Path, t
     assert no_partial_folders(out.parent)
 
 
-def test_baselines_and_exact_objective(
-    reference_file: Path, tmp_path: Path, tiny_classifier: Path
-):
+def test_baselines_and_exact_objective(reference_file: Path, tmp_path: Path, tiny_classifier: Path):
     # A classifier reward: VADER scores most 6-token texts 0, which leaves nothing to learn.
-    assert main(tiny(reference_file, tmp_path, "klrl", "--method", "kl-rl", "--beta", "0.1",
-                     "--steps", "2", "--reward", f"hf:{tiny_classifier}")) == 0
+    assert (
+        main(
+            tiny(
+                reference_file,
+                tmp_path,
+                "klrl",
+                "--method",
+                "kl-rl",
+                "--beta",
+                "0.1",
+                "--steps",
+                "2",
+                "--reward",
+                f"hf:{tiny_classifier}",
+            )
+        )
+        == 0
+    )
     meta = validate_adapter(tmp_path / "adapters" / "klrl")
     assert (meta.method, meta.beta, meta.objective) == ("kl-rl", 0.1, None)
     assert lora_b_norm(tmp_path / "adapters" / "klrl") > 0
 
-    assert main(tiny(reference_file, tmp_path, "sft", "--method", "bon-sft",
-                     "--sft-epochs", "1")) == 0
+    assert (
+        main(tiny(reference_file, tmp_path, "sft", "--method", "bon-sft", "--sft-epochs", "1")) == 0
+    )
     meta = validate_adapter(tmp_path / "adapters" / "sft")
     assert meta.method == "bon-sft" and meta.n == 4 and meta.steps >= 1
     assert lora_b_norm(tmp_path / "adapters" / "sft") > 0
 
-    assert main(tiny(reference_file, tmp_path, "exact", "--objective", "exact",
-                     "--steps", "2")) == 0
+    assert (
+        main(tiny(reference_file, tmp_path, "exact", "--objective", "exact", "--steps", "2")) == 0
+    )
     meta = validate_adapter(tmp_path / "adapters" / "exact")
     assert meta.objective == "exact"
 
@@ -115,8 +135,11 @@ def test_kill_and_resume(reference_file: Path, tmp_path: Path, capsys: pytest.Ca
     ckpt = tmp_path / "runs" / "vbon-resume" / "checkpoints"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "trainer", *args], cwd=ROOT, env=env,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [sys.executable, "-m", "trainer", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         deadline = time.monotonic() + 600

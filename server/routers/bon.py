@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
 
+from server.errors import GENERATION_ERRORS, error_responses
 from server.protocol import BoNRequest, BoNResponse
 from server.routers.common import abort_on_disconnect, get_gateway
 from server.serving import Gateway
@@ -11,7 +12,12 @@ from server.serving import Gateway
 router = APIRouter(tags=["bon"])
 
 
-@router.post("/v1/bon", response_model=BoNResponse, response_model_exclude_none=True)
+@router.post(
+    "/v1/bon",
+    response_model=BoNResponse,
+    response_model_exclude_none=True,
+    responses=error_responses(*GENERATION_ERRORS),
+)
 async def bon(
     body: BoNRequest, request: Request, gateway: Gateway = Depends(get_gateway)
 ) -> BoNResponse:

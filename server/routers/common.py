@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import Awaitable
 from typing import TypeVar
 
 from fastapi import Request
 
-from server.errors import APIError
+from server.errors import APIError, error_body
 from server.serving import Gateway
 
 T = TypeVar("T")
@@ -26,6 +27,17 @@ def get_gateway(request: Request) -> Gateway:
         )
         raise APIError(503, f"not ready: {reason}; retry shortly", headers={"Retry-After": "5"})
     return gateway
+
+
+def sse(data: dict | str) -> str:
+    """One server-sent event (the OpenAI streaming framing: `data: <json>`)."""
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
+def sse_error(exc: APIError) -> str:
+    """An error after the stream started (the status line is gone): the error shape as an
+    event, followed by the usual [DONE]."""
+    return sse(error_body(exc.status, exc.message, exc.param, exc.code))
 
 
 class ClientDisconnected(Exception):

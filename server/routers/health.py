@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from server.errors import error_responses
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/health")
+@router.get("/health", responses={503: {"description": "Start-up failed for good"}})
 async def health(request: Request) -> JSONResponse:
     """Liveness (no auth): 200 while the process works, also while the engine loads; 503 if
     start-up failed for good, so that an orchestrator restarts it."""
@@ -19,7 +21,13 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ok"})
 
 
-@router.get("/ready")
+@router.get(
+    "/ready",
+    responses={
+        503: {"description": "Not ready: loading, start-up failed or the engine died"},
+        **error_responses(401),
+    },
+)
 async def ready(request: Request) -> JSONResponse:
     """200 when the engine and reward model are loaded; 503 otherwise, with the reason."""
     state = request.app.state
@@ -48,7 +56,14 @@ async def ready(request: Request) -> JSONResponse:
     return JSONResponse(body, status_code=200 if engine_error is None else 503)
 
 
-@router.get("/metrics")
+@router.get(
+    "/metrics",
+    response_class=PlainTextResponse,
+    responses={
+        200: {"content": {"text/plain": {"schema": {"type": "string"}}}},
+        **error_responses(401),
+    },
+)
 async def metrics(request: Request) -> Response:
     registry = request.app.state.metrics.registry
     gateway = getattr(request.app.state, "gateway", None)

@@ -5,7 +5,6 @@ adapter (its name, 'vbon' for the default, 'vbon-<N>' for the adapter trained fo
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from collections.abc import AsyncIterator
@@ -15,15 +14,27 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
 from server.adapter_registry import AdapterVersion
-from server.errors import APIError, error_body
+from server.errors import (
+    GENERATION_ERRORS,
+    STREAM_RESPONSE,
+    APIError,
+    error_responses,
+)
 from server.openai_protocol import (
+    BoNInfo,
+    ChatChoice,
     ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatMessageOut,
+    CompletionChoice,
     CompletionRequest,
+    CompletionResponse,
+    CompletionUsage,
     ModelCard,
     ModelList,
     _OpenAIBase,
 )
-from server.routers.common import abort_on_disconnect, get_gateway
+from server.routers.common import abort_on_disconnect, get_gateway, sse, sse_error
 from server.serving import Gateway, new_id
 from vbon.bon import kl_bound
 
@@ -103,15 +114,16 @@ def list_models(gateway: Gateway) -> ModelList:
     return ModelList(data=cards)
 
 
-@router.get("/v1/models", response_model=ModelList)
+@router.get("/v1/models", response_model=ModelList, responses=error_responses(401, 503))
 async def models(gateway: Gateway = Depends(get_gateway)) -> ModelList:
     return list_models(gateway)
 
 
 async def _choices(
     gateway: Gateway, req: _OpenAIBase, prompt: str, target: Target, route: str
-) -> tuple[list[dict], int, int, dict | None]:
-    """(choices, prompt tokens, completion tokens, bon info) for one prompt."""
+) -> tuple[list[dict], int, int, BoNInfo | None]:
+    """(choices as text/finish_reason/reward, prompt tokens, completion tokens, best-of info)
+    for one prompt."""
     sampling = req.sampling()
     gateway.check_limits(prompt, sampling, target.n)
     lora = target.adapter.ref if target.adapter else None
@@ -127,7 +139,7 @@ async def _choices(
             }
             for i in picked
         ]
-        info = {"n": target.n, "kl_bound": kl_bound(target.n)}
+        info = BoNInfo(n=target.n, kl_bound=kl_bound(target.n))
     else:
         gen = await gateway.generate(prompt, sampling, target.n, route, lora)
         choices = [{"text": s.text, "finish_reason": s.finish_reason} for s in gen.samples]
@@ -136,12 +148,12 @@ async def _choices(
     return choices, gen.prompt_tokens, completion, info
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
+def _usage(prompt_tokens: int, completion_tokens: int) -> CompletionUsage:
+    return CompletionUsage(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+    )
 
 
 def _stream(
@@ -165,18 +177,8 @@ def _stream(
             choice = {"index": 0, "delta": delta, "finish_reason": finish}
         else:
             choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
-        return (
-            "data: "
-            + json.dumps(
-                {
-                    "id": rid,
-                    "object": obj,
-                    "created": created,
-                    "model": req.model,
-                    "choices": [choice],
-                }
-            )
-            + "\n\n"
+        return sse(
+            {"id": rid, "object": obj, "created": created, "model": req.model, "choices": [choice]}
         )
 
     async def events() -> AsyncIterator[str]:
@@ -186,13 +188,18 @@ def _stream(
             async for d in gateway.stream_sample(prompt, sampling, route, lora):
                 yield chunk(d.text, d.finish_reason)
         except APIError as exc:
-            yield "data: " + json.dumps(error_body(exc.status, exc.message)) + "\n\n"
-        yield "data: [DONE]\n\n"
+            yield sse_error(exc)
+        yield sse("[DONE]")
 
     return StreamingResponse(events(), media_type="text/event-stream")
 
 
-@router.post("/v1/completions")
+@router.post(
+    "/v1/completions",
+    response_model=CompletionResponse,
+    response_model_exclude_none=True,
+    responses={**STREAM_RESPONSE, **error_responses(*GENERATION_ERRORS)},
+)
 async def completions(
     body: CompletionRequest, request: Request, gateway: Gateway = Depends(get_gateway)
 ):
@@ -200,30 +207,31 @@ async def completions(
     if body.stream:
         return _stream(gateway, body, body.prompts()[0], target, chat=False)
 
-    async def work() -> dict:
-        choices, p_tok, c_tok, info = [], 0, 0, None
+    async def work() -> CompletionResponse:
+        choices: list[CompletionChoice] = []
+        p_tok, c_tok, info = 0, 0, None
         for prompt in body.prompts():
             cs, p, c, info = await _choices(gateway, body, prompt, target, "/v1/completions")
-            for ch in cs:
-                ch.update(index=len(choices), logprobs=None)
-                choices.append(ch)
+            choices += [CompletionChoice(index=len(choices) + i, **ch) for i, ch in enumerate(cs)]
             p_tok, c_tok = p_tok + p, c_tok + c
-        out = {
-            "id": new_id("cmpl"),
-            "object": "text_completion",
-            "created": int(time.time()),
-            "model": body.model,
-            "choices": choices,
-            "usage": _usage(p_tok, c_tok),
-        }
-        if info:
-            out["bon"] = info
-        return out
+        return CompletionResponse(
+            id=new_id("cmpl"),
+            created=int(time.time()),
+            model=body.model,
+            choices=choices,
+            usage=_usage(p_tok, c_tok),
+            bon=info,
+        )
 
     return await abort_on_disconnect(request, work())
 
 
-@router.post("/v1/chat/completions")
+@router.post(
+    "/v1/chat/completions",
+    response_model=ChatCompletionResponse,
+    response_model_exclude_none=True,
+    responses={**STREAM_RESPONSE, **error_responses(*GENERATION_ERRORS)},
+)
 async def chat_completions(
     body: ChatCompletionRequest, request: Request, gateway: Gateway = Depends(get_gateway)
 ):
@@ -232,28 +240,23 @@ async def chat_completions(
     if body.stream:
         return _stream(gateway, body, prompt, target, chat=True)
 
-    async def work() -> dict:
+    async def work() -> ChatCompletionResponse:
         cs, p, c, info = await _choices(gateway, body, prompt, target, "/v1/chat/completions")
-        choices = [
-            {
-                "index": i,
-                "message": {"role": "assistant", "content": ch["text"]},
-                "finish_reason": ch["finish_reason"],
-                "logprobs": None,
-                **({"reward": ch["reward"]} if "reward" in ch else {}),
-            }
-            for i, ch in enumerate(cs)
-        ]
-        out = {
-            "id": new_id("chatcmpl"),
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": body.model,
-            "choices": choices,
-            "usage": _usage(p, c),
-        }
-        if info:
-            out["bon"] = info
-        return out
+        return ChatCompletionResponse(
+            id=new_id("chatcmpl"),
+            created=int(time.time()),
+            model=body.model,
+            choices=[
+                ChatChoice(
+                    index=i,
+                    message=ChatMessageOut(content=ch["text"]),
+                    finish_reason=ch["finish_reason"],
+                    reward=ch.get("reward"),
+                )
+                for i, ch in enumerate(cs)
+            ],
+            usage=_usage(p, c),
+            bon=info,
+        )
 
     return await abort_on_disconnect(request, work())

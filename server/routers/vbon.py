@@ -2,25 +2,25 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
-from server.errors import APIError, error_body
+from server.errors import GENERATION_ERRORS, STREAM_RESPONSE, APIError, error_responses
 from server.protocol import VBoNRequest, VBoNResponse
-from server.routers.common import abort_on_disconnect, get_gateway
+from server.routers.common import abort_on_disconnect, get_gateway, sse, sse_error
 from server.serving import Gateway, new_id
 
 router = APIRouter(tags=["vbon"])
 
 
-def sse(data: dict | str) -> str:
-    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
-
-
-@router.post("/v1/vbon", response_model=VBoNResponse, response_model_exclude_none=False)
+@router.post(
+    "/v1/vbon",
+    response_model=VBoNResponse,
+    response_model_exclude_none=False,
+    responses={**STREAM_RESPONSE, **error_responses(*GENERATION_ERRORS)},
+)
 async def vbon(body: VBoNRequest, request: Request, gateway: Gateway = Depends(get_gateway)):
     if not body.stream:
         return await abort_on_disconnect(request, gateway.vbon(body))
@@ -49,7 +49,7 @@ async def vbon(body: VBoNRequest, request: Request, gateway: Gateway = Depends(g
                     chunk["reward"] = (await gateway.score(prompt, ["".join(text)]))[0]
                 yield sse(chunk)
         except APIError as exc:
-            yield sse(error_body(exc.status, exc.message, exc.param, exc.code))
+            yield sse_error(exc)
         yield sse("[DONE]")
 
     # Starlette cancels the generator when the client disconnects, which aborts the request.
