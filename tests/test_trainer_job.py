@@ -130,7 +130,9 @@ def test_baselines_and_exact_objective(reference_file: Path, tmp_path: Path, tin
     assert meta.objective == "exact"
 
 
-def test_kill_and_resume(reference_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
+def test_kill_and_resume(
+    reference_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture, figures
+) -> None:
     args = tiny(reference_file, tmp_path, "vbon-resume", "--steps", "8")
     ckpt = tmp_path / "runs" / "vbon-resume" / "checkpoints"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -166,6 +168,7 @@ def test_kill_and_resume(reference_file: Path, tmp_path: Path, capsys: pytest.Ca
     steps = [int(line.split(",")[0]) for line in (out / "curves.csv").read_text().splitlines()[1:]]
     assert steps == list(range(1, 9))
     assert no_partial_folders(out.parent)
+    figures.add("trainer: SIGKILL, then --resume", faults=1, survived=1, note="8/8 steps, valid")
 
 
 def _write(path: Path, text: str) -> Path:

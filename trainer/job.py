@@ -17,6 +17,7 @@ import math
 import os
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -112,6 +113,8 @@ def prepare(cfg: TrainConfig) -> Job:
             f"output folder '{out}' exists: pass --overwrite to replace it when the new "
             "adapter is complete, or choose another --output"
         )
+    _check_writable(out.parent, "output folder")
+    _check_writable(cfg.run_dir, "work folder (--work-dir)")
     model_path = resolve_model(cfg.model)
     try:
         from transformers import AutoConfig, AutoTokenizer
@@ -157,6 +160,23 @@ def prepare(cfg: TrainConfig) -> Job:
     )
     _check_run_dir(job)
     return job
+
+
+def _check_writable(folder: Path, what: str) -> None:
+    """Probe with a temporary file in the nearest existing ancestor (so nothing is left behind
+    on failure); modes alone say nothing for root or a read-only mount."""
+    probe = folder.absolute()
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"{what} '{folder}' cannot be created: '{probe}' is a file")
+    try:
+        tempfile.TemporaryFile(dir=probe).close()
+    except OSError as exc:
+        raise ConfigError(
+            f"{what} '{folder}' is not writable ({exc.strerror}): fix its permissions or "
+            "choose another folder"
+        ) from None
 
 
 def _read_reference(cfg: TrainConfig) -> list[ReferenceRow]:
@@ -568,6 +588,20 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    out = run(job)
+    from safetensors import SafetensorError  # raised (as "os error 27" ...) by weight writes
+
+    try:
+        out = run(job)
+    except (OSError, SafetensorError) as exc:
+        # Disk full, quota, a folder made read-only mid-run: outputs are staged, so nothing
+        # half-written is visible and a previous adapter stays as it was.
+        logger.exception("writing failed")
+        print(
+            f"error: writing failed ({exc}); no partial adapter was published and "
+            f"'{job.cfg.output_dir}' is unchanged. Free space or fix permissions, then rerun "
+            "with --resume to continue from the last checkpoint.",
+            file=sys.stderr,
+        )
+        return 1
     print(out)
     return 0

@@ -1,6 +1,6 @@
-"""Figures of the reliability checks, printed as one table at the end of the run and written
-to runs/reliability/summary.{json,md} (`make reliability` prints it; `make test` runs the fast
-checks and prints their rows)."""
+"""Figures of the reliability checks (inputs tried, 5xx seen, requests shed, RSS growth, faults
+injected and survived), printed as one table at the end of the run and written to
+runs/reliability/summary.{json,md}. A plugin of tests/conftest.py; tests ask for `figures`."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 
 from vbon.adapters import write_json_atomic, write_text_atomic
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parent.parent
 COLUMNS = ("check", "inputs", "5xx", "shed", "rss_growth_mb", "faults", "survived", "note")
 _ROWS: list[dict[str, Any]] = []
 
