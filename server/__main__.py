@@ -6,6 +6,7 @@ import logging
 import sys
 
 import uvicorn
+from fastapi import FastAPI
 
 from server.app import create_app
 from server.settings import ServerSettings
@@ -29,8 +30,14 @@ def main() -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    app = create_app(settings, reward_factory=lambda s: reward)
-    # timeout_graceful_shutdown: on SIGTERM, in-flight requests get this long to finish.
+    serve(create_app(settings, reward_factory=lambda s: reward), settings)
+    return 0
+
+
+def serve(app: FastAPI, settings: ServerSettings) -> None:
+    """Run until SIGTERM/SIGINT. Then uvicorn stops accepting connections, lets in-flight
+    requests finish (up to the request timeout), and only then runs the lifespan's shutdown,
+    which stops the engine."""
     uvicorn.run(
         app,
         host=settings.host,
@@ -38,7 +45,6 @@ def main() -> int:
         log_level=settings.log_level,
         timeout_graceful_shutdown=int(settings.request_timeout_s),
     )
-    return 0
 
 
 if __name__ == "__main__":

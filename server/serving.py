@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -184,7 +185,13 @@ class Gateway:
                 "the reward model returned the wrong number of scores",
                 code="reward_model_error",
             )
-        return [float(r) for r in rewards]
+        scores = [float(r) for r in rewards]
+        if not all(math.isfinite(r) for r in scores):
+            # (NaN cannot be ranked, nor sent as JSON.)
+            raise APIError(
+                500, "the reward model returned a non-finite score", code="reward_model_error"
+            )
+        return scores
 
     async def best_of(
         self, prompt: str, sampling: Sampling, n: int, route: str, lora: LoraRef | None = None

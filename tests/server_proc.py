@@ -46,7 +46,9 @@ def serve_in_thread(app: Any) -> Iterator[str]:
 
 
 class ServerProcess:
-    def __init__(self, env: dict[str, str], log_path: Path, timeout_s: float = 300) -> None:
+    def __init__(
+        self, env: dict[str, str], log_path: Path, timeout_s: float = 300, module: str = "server"
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         full_env = {
@@ -59,7 +61,7 @@ class ServerProcess:
         self.log_path = log_path
         self._log = log_path.open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server"],
+            [sys.executable, "-m", module],
             cwd=ROOT,
             env=full_env,
             stdout=self._log,
