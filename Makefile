@@ -7,12 +7,14 @@ PYTEST_ARGS ?=
 BENCH_ARGS ?=
 EVAL_ARGS ?=
 
-.PHONY: install model serve test test-fast lint train bench eval clean help docker-image docker-test
+.PHONY: install model serve test test-fast lint train bench eval clean help docker-image docker-test \
+	reliability
 
 help:
 	@echo "make serve   install, prepare the embedded model, start the gateway on :8000"
 	@echo "make test    install, prepare the embedded model, run ruff and the test suite"
 	@echo "make train   train a vBoN-8 adapter on the defaults (python -m trainer --help)"
+	@echo "make reliability   fuzz, load and fault checks with a summary table"
 
 install:
 	@bash scripts/install.sh
@@ -30,7 +32,13 @@ test: model lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-fast: install
-	$(PY) -m pytest -q -m "not engine" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not engine and not reliability" $(PYTEST_ARGS)
+
+# Fuzz (300 examples per route), load above capacity with RSS, faults (serving and trainer);
+# prints the summary table, also in runs/reliability/summary.md. About 10-15 minutes.
+reliability: model
+	VBON_FUZZ_EXAMPLES=$${VBON_FUZZ_EXAMPLES:-300} $(PY) -m pytest -q -m "" tests/reliability \
+		tests/test_trainer_job.py::test_kill_and_resume $(PYTEST_ARGS)
 
 train: model
 	$(PY) -m trainer --n 8
