@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from tqdm import tqdm  # noqa: E402
 
+from vbon.adapters import write_json_atomic, write_text_atomic  # noqa: E402
 from vbon.prompts import default_prompt_file, load_prompts, task_messages  # noqa: E402
 
 MAX_TOKENS = 32
@@ -285,8 +286,8 @@ def write_report(results: dict, out: Path) -> None:
             f"| {lo['base_answers_per_s']:.3f} | {lo['lora_answers_per_s']:.3f} | "
             f"{lo['lora_cost_pct']:+.1f}% | {lo['gateway_vbon_answers_per_s']:.3f} |",
         ]
-    (out / "bench_gateway.md").write_text("\n".join(lines) + "\n")
-    (out / "bench_gateway.json").write_text(json.dumps(results, indent=2))
+    write_text_atomic(out / "bench_gateway.md", "\n".join(lines) + "\n")
+    write_json_atomic(out / "bench_gateway.json", results)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     if "engine" in results:
         ax = axes[0]

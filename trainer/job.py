@@ -310,6 +310,29 @@ def rl_dataset(job: Job, tok: Any, rows: list[ReferenceRow] | None):
     return Dataset.from_dict(data)
 
 
+def training_arguments(cfg: TrainConfig) -> dict[str, Any]:
+    """The transformers TrainingArguments that RLOO and SFT runs share: optimiser, precision,
+    checkpoints (for --resume), seeds, and our own progress bar instead of transformers'."""
+    return {
+        "learning_rate": cfg.learning_rate,
+        "lr_scheduler_type": cfg.lr_schedule,
+        "warmup_steps": cfg.warmup_steps,
+        "max_grad_norm": cfg.max_grad_norm,
+        "gradient_checkpointing": False,
+        "bf16": torch_dtype_choice(cfg) == "bfloat16",
+        "logging_steps": 1,
+        "save_strategy": "steps",
+        "save_steps": cfg.checkpoint_every,
+        "save_total_limit": 2,
+        "report_to": "none",
+        "disable_tqdm": True,
+        "seed": cfg.seed,
+        "data_seed": cfg.seed,
+        "dataloader_num_workers": 0,
+        "use_cpu": not _has_cuda(),
+    }
+
+
 def build_rloo_trainer(job: Job, rows: list[ReferenceRow] | None, *, progress: bool = True):
     """The RLOOTrainer of this job (also used by the sampler-consistency test)."""
     from trl import RLOOConfig, RLOOTrainer
@@ -320,7 +343,6 @@ def build_rloo_trainer(job: Job, rows: list[ReferenceRow] | None, *, progress: b
 
     cfg, s = job.cfg, job.sampling
     model, tok = load_policy(job)
-    bf16 = torch_dtype_choice(cfg) == "bfloat16"
     args = RLOOConfig(
         output_dir=str(cfg.run_dir / CHECKPOINTS),
         per_device_train_batch_size=cfg.prompts_per_step * cfg.completions_per_prompt,
@@ -329,10 +351,6 @@ def build_rloo_trainer(job: Job, rows: list[ReferenceRow] | None, *, progress: b
         num_generations=cfg.completions_per_prompt,
         num_iterations=1,
         max_steps=cfg.steps,
-        learning_rate=cfg.learning_rate,
-        lr_scheduler_type=cfg.lr_schedule,
-        warmup_steps=cfg.warmup_steps,
-        max_grad_norm=cfg.max_grad_norm,
         max_completion_length=s.max_tokens,
         # The one sampler (vbon.sampling): TRL's own sampling fields, all of them.
         temperature=s.temperature,
@@ -343,20 +361,9 @@ def build_rloo_trainer(job: Job, rows: list[ReferenceRow] | None, *, progress: b
         beta=cfg.kl_weight,
         normalize_advantages=cfg.normalize_advantages,
         mask_truncated_completions=False,
-        gradient_checkpointing=False,
-        bf16=bf16,
-        logging_steps=1,
-        save_strategy="steps",
-        save_steps=cfg.checkpoint_every,
-        save_total_limit=2,
-        report_to="none",
-        disable_tqdm=True,
-        seed=cfg.seed,
-        data_seed=cfg.seed,
         remove_unused_columns=False,
         log_completions=False,
-        dataloader_num_workers=0,
-        use_cpu=not _has_cuda(),
+        **training_arguments(cfg),
     )
     if cfg.method == "vbon":
         reward_fn: RewardFunction = VBoNReward(job.reward, cfg.n, cfg.objective)
@@ -425,23 +432,8 @@ def build_sft_trainer(job: Job, rows: list[ReferenceRow], *, progress: bool = Tr
         output_dir=str(cfg.run_dir / CHECKPOINTS),
         per_device_train_batch_size=batch,
         max_steps=steps,
-        learning_rate=cfg.learning_rate,
-        lr_scheduler_type=cfg.lr_schedule,
-        warmup_steps=cfg.warmup_steps,
-        max_grad_norm=cfg.max_grad_norm,
         completion_only_loss=True,
-        gradient_checkpointing=False,
-        bf16=torch_dtype_choice(cfg) == "bfloat16",
-        logging_steps=1,
-        save_strategy="steps",
-        save_steps=cfg.checkpoint_every,
-        save_total_limit=2,
-        report_to="none",
-        disable_tqdm=True,
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        dataloader_num_workers=0,
-        use_cpu=not _has_cuda(),
+        **training_arguments(cfg),
     )
     callback = JobCallback(
         kl_stop=None, kl_window=cfg.kl_window, max_minutes=cfg.max_train_minutes,
