@@ -142,21 +142,19 @@ class ChatChoice(BaseModel):
     reward: float | None = Field(None, description="Extension: the reward (best-of only).")
 
 
-class CompletionResponse(BaseModel):
+class _CompletionEnvelope(BaseModel):
     id: str
+    created: int
+    model: str
+    usage: CompletionUsage
+    bon: BoNInfo | None = Field(None, description="Extension: present for best-of requests.")
+
+
+class CompletionResponse(_CompletionEnvelope):
     object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
     choices: list[CompletionChoice]
-    usage: CompletionUsage
-    bon: BoNInfo | None = Field(None, description="Extension: present for best-of requests.")
 
 
-class ChatCompletionResponse(BaseModel):
-    id: str
+class ChatCompletionResponse(_CompletionEnvelope):
     object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
     choices: list[ChatChoice]
-    usage: CompletionUsage
-    bon: BoNInfo | None = Field(None, description="Extension: present for best-of requests.")
