@@ -32,7 +32,7 @@ def test_defaults_are_vbon_8() -> None:
     assert (cfg.method, cfg.n, cfg.objective) == ("vbon", 8, "bound")
     assert cfg.kl_weight == pytest.approx(1 / 7)
     assert cfg.output_dir == Path("adapters/vbon-n8")
-    assert cfg.kl_stop == pytest.approx(0.9 * kl_bound(8))
+    assert cfg.kl_stop == pytest.approx(kl_bound(8))
 
 
 @pytest.mark.parametrize(

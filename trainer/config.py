@@ -87,7 +87,7 @@ class TrainConfig:
         },
     )
     num_prompts: int = field(
-        default=64,
+        default=256,
         metadata={"help": "Use the first K training prompts (0: all)."},
     )
     reference_from: str = field(
@@ -99,13 +99,13 @@ class TrainConfig:
         },
     )
     # --- optimisation ------------------------------------------------------------------------
-    steps: int = field(default=60, metadata={"help": "Optimizer steps."})
+    steps: int = field(default=64, metadata={"help": "Optimizer steps."})
     prompts_per_step: int = field(default=4, metadata={"help": "Prompts per optimizer step."})
     completions_per_prompt: int = field(
-        default=4,
+        default=8,
         metadata={"help": "Rollouts per prompt (RLOO's leave-one-out group size); >= 2."},
     )
-    learning_rate: float = field(default=2e-4, metadata={"help": "AdamW learning rate."})
+    learning_rate: float = field(default=5e-5, metadata={"help": "AdamW learning rate."})
     lr_schedule: str = field(
         default="constant", metadata={"help": "transformers lr scheduler type (constant, linear, "
                                                "cosine)."}
@@ -120,15 +120,16 @@ class TrainConfig:
         default=None,
         metadata={
             "help": "Stop early when the running mean of the sequence KL to the base (nats, "
-            "over the last --kl-window steps) exceeds this. Default for vbon: 0.9 x BoN-N's "
-            "bound log N - (N-1)/N; none for the baselines. 0 disables."
+            "over the last --kl-window steps, estimated on the training rollouts) exceeds this. "
+            "Default for vbon: BoN-N's bound log N - (N-1)/N; none for the baselines. 0 "
+            "disables."
         },
     )
     kl_window: int = field(
         default=5, metadata={"help": "Steps averaged for the --max-kl early stop."}
     )
     max_train_minutes: float = field(
-        default=0.0,
+        default=30.0,
         metadata={"help": "Stop training (and publish) after this many minutes; 0: no limit."},
     )
     sft_epochs: float = field(default=2.0, metadata={"help": "bon-sft only: epochs."})
@@ -288,7 +289,7 @@ class TrainConfig:
     def kl_stop(self) -> float | None:
         if self.max_kl is not None:
             return self.max_kl or None
-        return 0.9 * kl_bound(self.n) if self.method == "vbon" else None
+        return kl_bound(self.n) if self.method == "vbon" else None
 
     @property
     def adapter_name(self) -> str:
