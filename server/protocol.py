@@ -106,9 +106,10 @@ class Candidate(BaseModel):
     text: str
     reward: float
     tokens: int
-    cumulative_logprob: float | None
-    finish_reason: str | None
-    seed: int | None
+    # (BoN answers leave out null fields, so none of these may be required.)
+    cumulative_logprob: float | None = None
+    finish_reason: str | None = None
+    seed: int | None = Field(None, description="Absent without a request seed.")
 
 
 class BoNResponse(BaseModel):
@@ -119,8 +120,8 @@ class BoNResponse(BaseModel):
     text: str
     reward: float
     index: int
-    seed: int | None
-    finish_reason: str | None
+    seed: int | None = Field(None, description="Absent without a request seed.")
+    finish_reason: str | None = None
     kl_bound: float = Field(description="log N - (N-1)/N: upper bound on KL(BoN || base).")
     candidates: list[Candidate] | None = None
     usage: Usage

@@ -45,7 +45,10 @@ def make_app(tmp_path: Path, backend: FakeBackend, **overrides):
         adapters_dir=tmp_path / "adapters", adapter_poll_s=0, admin_key="adm", **overrides
     )
     return create_app(
-        settings, backend_factory=lambda s: backend, reward_factory=lambda s: FlakyReward()
+        settings,
+        backend_factory=lambda s: backend,
+        reward_factory=lambda s: FlakyReward(),
+        background_load=False,
     )
 
 
