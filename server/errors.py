@@ -61,9 +61,20 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {s: {"model": ErrorResponse, "description": _DESCRIPTIONS[s]} for s in statuses}
 
 
-# Streaming routes answer server-sent events when the request says `"stream": true`.
+# Streaming routes answer server-sent events when the request says `"stream": true`: each
+# event's `data` is one JSON chunk (or an error in the error shape), the last is `[DONE]`.
 STREAM_RESPONSE: dict[int | str, dict[str, Any]] = {
-    200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}
+    200: {
+        "content": {
+            "text/event-stream": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
+                    "required": ["data"],
+                }
+            }
+        }
+    }
 }
 
 

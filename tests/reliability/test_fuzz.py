@@ -146,3 +146,22 @@ def test_bodies_over_the_limit_are_refused_without_being_read(url: str, figures)
         sock.sendall(b"POST /v1/bon HTTP/1.1\r\nHost: x\r\nContent-Length: nonsense\r\n\r\n{}")
         assert sock.recv(100).startswith(b"HTTP/1.1 400")
     figures.add("bodies over the size limit", inputs=3, **{"5xx": 0})
+
+
+STREAMS = [
+    ("/v1/vbon", {"prompt": "a", "stream": True, "score": True}),
+    ("/v1/completions", {"model": "fake-model", "prompt": "a", "stream": True}),
+    ("/v1/chat/completions", {"model": "vbon-n8", "stream": True,
+                              "messages": [{"role": "user", "content": "a"}]}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("path", "body"), STREAMS)
+def test_streamed_answers_match_the_schema(url: str, path: str, body: dict) -> None:
+    # Random bodies rarely ask for a valid stream; these do, so the event-stream branch of
+    # each schema is checked for sure.
+    case = SCHEMA[path]["POST"].Case(body=body, media_type="application/json")
+    response = case.call(base_url=url, headers=auth(path), timeout=30)
+    assert response.status_code == 200
+    assert response.headers["content-type"][0].startswith("text/event-stream")
+    case.validate_response(response, excluded_checks=[positive_data_acceptance])
