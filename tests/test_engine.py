@@ -43,12 +43,15 @@ def test_seeded_requests_under_load_do_not_kill_the_engine(llm) -> None:
     params = [vllm_params(Sampling(seed=100 * i, max_tokens=8), n=8) for i in range(64)]
     outs = llm.generate(prompts, params, use_tqdm=False)
     assert all(len(o.outputs) == 8 for o in outs)
-    # The engine is still alive, and a seeded request still reproduces. (In bf16 a request
-    # whose prompt prefix is cold in the cache may differ in rounding from a warm one, so both
-    # compared requests run after the load above has warmed it.)
+    # The engine is still alive, and a seeded request still reproduces. In bf16 (this CPU's
+    # default) rounding can differ between runs of the same request (prefix-cache hits, batch
+    # shapes), and one diverging token changes the rest of that candidate: a clean clone saw 1
+    # of 8 candidates differ. Seeds that stopped working would match 0 of 8; fp32 is exact
+    # (tests/test_server_engine.py checks exact replay through the gateway).
     first = llm.generate(prompts[:1], params[:1], use_tqdm=False)
     again = llm.generate(prompts[:1], params[:1], use_tqdm=False)
-    assert [c.text for c in again[0].outputs] == [c.text for c in first[0].outputs]
+    same = sum(a.text == b.text for a, b in zip(first[0].outputs, again[0].outputs, strict=True))
+    assert same >= 6, f"only {same} of 8 seeded candidates reproduced"
 
 
 def test_candidate_i_uses_seed_plus_i(llm) -> None:
