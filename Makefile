@@ -35,7 +35,7 @@ test-fast: install
 	$(PY) -m pytest -q -m "not engine and not reliability" $(PYTEST_ARGS)
 
 # Fuzz (300 examples per route), load above capacity with RSS, faults (serving and trainer);
-# prints the summary table, also in runs/reliability/summary.md. About 10-15 minutes.
+# prints the summary table, also in runs/reliability/summary.md. About 5 minutes here.
 reliability: model
 	VBON_FUZZ_EXAMPLES=$${VBON_FUZZ_EXAMPLES:-300} $(PY) -m pytest -q -m "" tests/reliability \
 		tests/test_trainer_job.py::test_kill_and_resume $(PYTEST_ARGS)
