@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from server.protocol import ChatMessage, Text
+from server.protocol import ChatMessage, Text, Usage
 from vbon.sampling import DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, Sampling
 
 
@@ -110,23 +110,20 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-class CompletionUsage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int = Field(description="All samples drawn, also the ones not returned.")
-    total_tokens: int
-
-
 class BoNInfo(BaseModel):
     n: int = Field(description="Samples drawn for best-of.")
     kl_bound: float = Field(description="log N - (N-1)/N, the bound on KL(BoN || base).")
 
 
-class CompletionChoice(BaseModel):
+class _Choice(BaseModel):
     index: int
-    text: str
     finish_reason: str | None
     logprobs: None = None
     reward: float | None = Field(None, description="Extension: the reward (best-of only).")
+
+
+class CompletionChoice(_Choice):
+    text: str
 
 
 class ChatMessageOut(BaseModel):
@@ -134,19 +131,15 @@ class ChatMessageOut(BaseModel):
     content: str
 
 
-class ChatChoice(BaseModel):
-    index: int
+class ChatChoice(_Choice):
     message: ChatMessageOut
-    finish_reason: str | None
-    logprobs: None = None
-    reward: float | None = Field(None, description="Extension: the reward (best-of only).")
 
 
 class _CompletionEnvelope(BaseModel):
     id: str
     created: int
     model: str
-    usage: CompletionUsage
+    usage: Usage
     bon: BoNInfo | None = Field(None, description="Extension: present for best-of requests.")
 
 

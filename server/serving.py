@@ -244,11 +244,7 @@ class Gateway:
             finish_reason=gen.samples[best].finish_reason,
             kl_bound=kl_bound(req.n),
             candidates=candidates,
-            usage=Usage(
-                prompt_tokens=gen.prompt_tokens,
-                completion_tokens=completion_tokens,
-                total_tokens=gen.prompt_tokens + completion_tokens,
-            ),
+            usage=Usage.of(gen.prompt_tokens, completion_tokens),
             timings=Timings(
                 generation_s=scored.generation_s,
                 scoring_s=scored.scoring_s,
@@ -291,11 +287,7 @@ class Gateway:
             seed=req.seed,
             finish_reason=sample.finish_reason,
             cumulative_logprob=sample.cumulative_logprob,
-            usage=Usage(
-                prompt_tokens=gen.prompt_tokens,
-                completion_tokens=sample.tokens,
-                total_tokens=gen.prompt_tokens + sample.tokens,
-            ),
+            usage=Usage.of(gen.prompt_tokens, sample.tokens),
             timings=Timings(generation_s=t1 - t0, scoring_s=t2 - t1, total_s=t2 - t0),
         )
 

@@ -29,11 +29,11 @@ from server.openai_protocol import (
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
-    CompletionUsage,
     ModelCard,
     ModelList,
     _OpenAIBase,
 )
+from server.protocol import Usage
 from server.routers.common import abort_on_disconnect, get_gateway, sse, sse_error
 from server.serving import Gateway, new_id
 from vbon.bon import kl_bound
@@ -148,14 +148,6 @@ async def _choices(
     return choices, gen.prompt_tokens, completion, info
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> CompletionUsage:
-    return CompletionUsage(
-        prompt_tokens=prompt_tokens,
-        completion_tokens=completion_tokens,
-        total_tokens=prompt_tokens + completion_tokens,
-    )
-
-
 def _stream(
     gateway: Gateway, req: _OpenAIBase, prompt: str, target: Target, chat: bool
 ) -> StreamingResponse:
@@ -219,7 +211,7 @@ async def completions(
             created=int(time.time()),
             model=body.model,
             choices=choices,
-            usage=_usage(p_tok, c_tok),
+            usage=Usage.of(p_tok, c_tok),
             bon=info,
         )
 
@@ -255,7 +247,7 @@ async def chat_completions(
                 )
                 for i, ch in enumerate(cs)
             ],
-            usage=_usage(p, c),
+            usage=Usage.of(p, c),
             bon=info,
         )
 
