@@ -1,6 +1,7 @@
-"""One sampler everywhere: the training rollouts (TRL's generation inside the job's RLOOTrainer)
-and the vLLM path (reference samples, gateway, evaluation) must draw from the same
-distribution for the same prompts. Compared on the base model: prompt tokens (exactly equal),
+"""One sampler everywhere: the training rollouts (both --rollouts paths of the job's
+RLOOTrainer: TRL's own generate, and the trainer's vLLM engine with the current LoRA) and the
+vLLM path (reference samples, gateway, evaluation) must draw from the same distribution for
+the same prompts. Compared on the base model: prompt tokens (exactly equal),
 then reward, completion length and the base model's own per-token log-probability of the
 samples (paired by prompt, z-tests), and the rewards' two-sample KS statistic. A control run
 with transformers' usual top_k=50 must be caught."""
@@ -63,61 +64,66 @@ def statistics(job: Job, model, tok, openings, prompt_ids, completion_ids, texts
     return r, lengths, per_token
 
 
-def test_training_rollouts_match_vllm(embedded_model: Path, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def vllm_samples(embedded_model: Path):
+    """The gateway's path: one request with n per prompt, through vbon.engine."""
     from vbon.engine import build_llm
 
     openings = load_prompts(default_prompt_file("eval"))[:PROMPTS]
-    sampling = Sampling(max_tokens=MAX_TOKENS)
-
     llm = build_llm(CoreSettings(), model_path=str(embedded_model))
     try:
         tok_v = llm.get_tokenizer()
         outs = llm.generate(
             [render_task(tok_v, o) for o in openings],
-            vllm_params(sampling, n=PER_PROMPT),
+            vllm_params(Sampling(max_tokens=MAX_TOKENS), n=PER_PROMPT),
             use_tqdm=False,
         )
     finally:
         close_llm(llm)
-    v_prompt_ids = [list(o.prompt_token_ids) for o in outs for _ in o.outputs]
-    v_comp_ids = [list(c.token_ids) for o in outs for c in o.outputs]
-    v_texts = [c.text for o in outs for c in o.outputs]
+    return (
+        openings,
+        [list(o.prompt_token_ids) for o in outs for _ in o.outputs],
+        [list(c.token_ids) for o in outs for c in o.outputs],
+        [c.text for o in outs for c in o.outputs],
+    )
 
+
+def training_rollouts(trainer, tok, openings):
+    """The job's rollout path: TRL's _generate on the rendered prompts, as in training."""
+    prompts = [render_task(tok, o) for o in openings for _ in range(PER_PROMPT)]
+    pids, cids, texts = [], [], []
+    for start in range(0, len(prompts), 96):
+        p, c, t = trainer._generate(prompts[start : start + 96])
+        pids += p
+        cids += c
+        texts += t
+    return pids, cids, texts
+
+
+def job_trainer(embedded_model: Path, tmp_path: Path, openings, rollouts: str):
     cfg = TrainConfig(
         max_tokens=MAX_TOKENS,
         completions_per_prompt=PER_PROMPT,
         evaluate=False,
         work_dir=str(tmp_path),
         output=str(tmp_path / "x"),
+        rollouts=rollouts,
     )
     job = Job(
         cfg=cfg,
         model_path=str(embedded_model),
-        sampling=sampling,
+        sampling=Sampling(max_tokens=MAX_TOKENS),
         openings=openings,
         reward=load_reward("vader"),
-        engine_settings=None,
+        engine_settings=CoreSettings(),
     )
     trainer, _ = build_rloo_trainer(job, None, progress=False)
-    tok = trainer.processing_class
-    model = trainer.accelerator.unwrap_model(trainer.model)
+    return job, trainer
 
-    def rollouts():
-        prompts = [render_task(tok, o) for o in openings for _ in range(PER_PROMPT)]
-        pids, cids, texts = [], [], []
-        for start in range(0, len(prompts), 96):
-            p, c, t = trainer._generate(prompts[start : start + 96])
-            pids += p
-            cids += c
-            texts += t
-        return pids, cids, texts
 
-    t_prompt_ids, t_comp_ids, t_texts = rollouts()
-    # The same prompt text becomes the same tokens on both paths (no BOS or template drift).
-    assert t_prompt_ids == v_prompt_ids
-
-    v = statistics(job, model, tok, openings, v_prompt_ids, v_comp_ids, v_texts)
-    t = statistics(job, model, tok, openings, t_prompt_ids, t_comp_ids, t_texts)
+def compare(job, model, tok, openings, vllm_side, train_side) -> tuple[dict, str]:
+    v = statistics(job, model, tok, openings, *vllm_side)
+    t = statistics(job, model, tok, openings, *train_side)
     z = {
         name: paired_z(a, b) for name, a, b in zip(("reward", "length", "logp"), v, t, strict=True)
     }
@@ -128,10 +134,46 @@ def test_training_rollouts_match_vllm(embedded_model: Path, tmp_path: Path) -> N
     )
     assert all(abs(x) < 4.0 for x in z.values()), report
     assert d < crit, report
+    return z, report
+
+
+def test_transformers_rollouts_match_vllm(embedded_model: Path, tmp_path: Path, vllm_samples):
+    openings, v_prompt_ids, v_comp_ids, v_texts = vllm_samples
+    job, trainer = job_trainer(embedded_model, tmp_path, openings, "transformers")
+    tok = trainer.processing_class
+    model = trainer.accelerator.unwrap_model(trainer.model)
+
+    t_prompt_ids, t_comp_ids, t_texts = training_rollouts(trainer, tok, openings)
+    # The same prompt text becomes the same tokens on both paths (no BOS or template drift).
+    assert t_prompt_ids == v_prompt_ids
+    v_side = (v_prompt_ids, v_comp_ids, v_texts)
+    _, report = compare(job, model, tok, openings, v_side, (t_prompt_ids, t_comp_ids, t_texts))
 
     # Control: transformers' common default top_k=50 on the training path must be detected.
     trainer.generation_config.top_k = 50
     trainer.generation_kwargs["top_k"] = 50
-    c_prompt_ids, c_comp_ids, c_texts = rollouts()
+    c_prompt_ids, c_comp_ids, c_texts = training_rollouts(trainer, tok, openings)
+    v = statistics(job, model, tok, openings, *v_side)
     c = statistics(job, model, tok, openings, c_prompt_ids, c_comp_ids, c_texts)
     assert abs(paired_z(v[2], c[2])) >= 4.0, f"top_k=50 went unnoticed: {report}"
+
+
+def test_vllm_rollouts_match_the_gateway_path(
+    embedded_model: Path, tmp_path: Path, vllm_samples
+) -> None:
+    """--rollouts vllm (the default): the trainer's own engine, fed the untrained LoRA (B = 0)
+    through TRL's rollout hook, samples what the gateway's path samples from the base model."""
+    openings, v_prompt_ids, v_comp_ids, v_texts = vllm_samples
+    job, trainer = job_trainer(embedded_model, tmp_path, openings, "vllm")
+    tok = trainer.processing_class
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    trainer.rollouts.start()
+    try:
+        t_prompt_ids, t_comp_ids, t_texts = training_rollouts(trainer, tok, openings)
+        assert trainer.rollouts.synced_step == 0 and trainer.rollouts.lora is not None
+    finally:
+        trainer.rollouts.close()
+    assert not trainer.rollouts.folder.exists()
+    assert t_prompt_ids == v_prompt_ids
+    compare(job, model, tok, openings, (v_prompt_ids, v_comp_ids, v_texts),
+            (t_prompt_ids, t_comp_ids, t_texts))  # fmt: skip

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from trainer.job import main
@@ -108,6 +109,8 @@ def test_baselines_and_exact_objective(reference_file: Path, tmp_path: Path, tin
                 "2",
                 "--reward",
                 f"hf:{tiny_classifier}",
+                "--rollouts",  # the other rollout path, end to end (the rest use vLLM)
+                "transformers",
             )
         )
         == 0
@@ -149,12 +152,17 @@ def test_kill_and_resume(
             assert proc.poll() is None, "the run ended before its second checkpoint"
             assert time.monotonic() < deadline, "no checkpoint after 10 minutes"
             time.sleep(0.2)
+        # Its rollout engine (vLLM's engine core and worker processes) must not outlive it.
+        engine = psutil.Process(proc.pid).children(recursive=True)
+        assert engine, "the run had no rollout engine processes"
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == -signal.SIGKILL
+    _, alive = psutil.wait_procs(engine, timeout=60)
+    assert not alive, f"orphaned engine processes: {[p.pid for p in alive]}"
     out = tmp_path / "adapters" / "vbon-resume"
     assert not out.exists() and no_partial_folders(out.parent)
 

@@ -31,9 +31,12 @@ def ops():
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_grouped_ops_match_vllm(ops, indices: list[int], dtype: torch.dtype) -> None:
+    """Same numbers as vLLM's ops for tokens with an adapter; tokens marked -1 (no adapter)
+    get no LoRA contribution (vLLM's op would read the last slot's weights for them)."""
     orig, new = ops
     torch.manual_seed(0)
     idx = torch.tensor(indices)
+    none = idx < 0
     x = torch.randn(7, 12, dtype=dtype)
     a = torch.randn(3, 1, 4, 12, dtype=dtype)  # shrink: adapters x 1 x rank x in
     b = torch.randn(3, 1, 10, 4, dtype=dtype)  # expand: adapters x 1 x out x rank
@@ -42,6 +45,7 @@ def test_grouped_ops_match_vllm(ops, indices: list[int], dtype: torch.dtype) -> 
 
     y1, y2 = torch.zeros(7, 4, dtype=dtype), torch.zeros(7, 4, dtype=dtype)
     orig.bgmv_shrink(x, a, y1, idx, 0.5)
+    y1[none] = 0
     new["bgmv_shrink"](x, a, y2, idx, 0.5)
     torch.testing.assert_close(y2, y1, **tol)
 
@@ -49,9 +53,71 @@ def test_grouped_ops_match_vllm(ops, indices: list[int], dtype: torch.dtype) -> 
     for add in (True, False):
         z1, z2 = base.clone(), base.clone()
         orig.bgmv_expand(h, b, z1, idx, add)
+        z1[none] = base[none] if add else 0
         new["bgmv_expand"](h, b, z2, idx, add)
         torch.testing.assert_close(z2, z1, **tol)
         s1, s2 = torch.zeros(7, 24, dtype=dtype), torch.zeros(7, 24, dtype=dtype)
         orig.bgmv_expand_slice(h, b, s1, idx, 6, 10, add)
+        s1[none] = 0
         new["bgmv_expand_slice"](h, b, s2, idx, 6, 10, add)
         torch.testing.assert_close(s2, s1, **tol)
+
+
+def _explicit(y, x, a, b, slots, scale):
+    """The documented semantics of add_lora_linear, row by row (slot -1: no adapter)."""
+    out = y.clone().float()
+    for row, slot in enumerate(slots):
+        if slot < 0:
+            continue
+        parts = [
+            scale * x[row].float() @ ai[slot, 0].float().T @ bi[slot, 0].float().T
+            for ai, bi in zip(a, b, strict=True)
+        ]
+        delta = torch.cat(parts)
+        out[row, : delta.shape[0]] += delta
+    return out.to(y.dtype)
+
+
+@pytest.mark.parametrize(
+    "ids", [(2, 2, 2, 2, 2), (0, 0, 0, 0, 0), (1, 2, 1, 0, 2), (2, 0, 2, 2, 2)]
+)
+@pytest.mark.parametrize("prefill", [False, True])
+@pytest.mark.parametrize("pad", [0, 2])  # output columns beyond the LoRA slices
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_add_lora_linear_matches_its_semantics(
+    ids, prefill: bool, pad: int, dtype: torch.dtype
+) -> None:
+    """The fused single-adapter path (and the fallback for mixed batches) of the CPU punica
+    wrapper: qkv-like layer with three slices of different widths; LoRA id 0 = base model."""
+    from vllm.lora.layers import LoRAMapping
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    from vbon.vllm_patches import apply_lora_ops
+
+    assert apply_lora_ops()  # patches the CPU wrapper class (idempotent)
+    torch.manual_seed(0)
+    wrapper = PunicaWrapperCPU(max_num_batched_tokens=64, max_batches=8, device="cpu")
+    # Slots: id 1 -> slot 0, id 2 -> slot 1; slot 2 is free but holds non-zero weights so
+    # that a base token reading the last slot (vLLM's -1 indexing) would show.
+    wrapper.update_metadata(
+        LoRAMapping(index_mapping=ids, prompt_mapping=ids, is_prefill=prefill),
+        [1, 2, None], 3, 100,
+    )
+    slots = wrapper.token_lora_indices.tolist()
+    rank, widths = 4, (10, 6, 6)
+    a = tuple(torch.randn(3, 1, rank, 12, dtype=dtype) for _ in widths)
+    b = tuple(torch.randn(3, 1, w, rank, dtype=dtype) for w in widths)
+    x = torch.randn(len(ids), 12, dtype=dtype)
+    tol = {"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 0.25, "rtol": 0.03}
+    for _ in range(2):  # the second round uses cached fused weights
+        y = torch.randn(len(ids), sum(widths) + pad, dtype=dtype)
+        expected = _explicit(y, x, a, b, slots, 0.5)
+        wrapper.add_lora_linear(y, x, a, b, 0.5, widths)
+        torch.testing.assert_close(y, expected, **tol)
+    # vLLM loads another adapter into a slot in place: the cache must not serve old weights.
+    for t in (*a, *b):
+        t[1].copy_(torch.randn_like(t[1]))
+    y = torch.randn(len(ids), sum(widths) + pad, dtype=dtype)
+    expected = _explicit(y, x, a, b, slots, 0.5)
+    wrapper.add_lora_linear(y, x, a, b, 0.5, widths)
+    torch.testing.assert_close(y, expected, **tol)

@@ -22,6 +22,7 @@ from vbon.sampling import DEFAULT_MAX_TOKENS
 METHODS = ("vbon", "kl-rl", "bon-sft")
 OBJECTIVES = ("bound", "exact")
 DTYPES = ("auto", "float32", "bfloat16")
+ROLLOUTS = ("vllm", "transformers")
 
 
 @dataclass
@@ -159,6 +160,15 @@ class TrainConfig:
     torch_threads: int = field(
         default=0, metadata={"help": "torch CPU threads for training; 0: all cores."}
     )
+    rollouts: str = field(
+        default="vllm",
+        metadata={
+            "help": "What samples the RL rollouts: vllm (an offline vLLM engine with the "
+            "current LoRA weights, the gateway's sampler; ~3x faster generation on the CPU) "
+            "or transformers (TRL's own generate).",
+            "choices": ROLLOUTS,
+        },
+    )
     # --- output, checkpoints, evaluation -------------------------------------------------
     output: str = field(
         default="",
@@ -216,6 +226,10 @@ class TrainConfig:
             errors.append(f"--objective must be 'bound' or 'exact', got {self.objective!r}")
         if self.dtype not in DTYPES:
             errors.append(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.rollouts not in ROLLOUTS:
+            errors.append(
+                f"--rollouts must be one of {', '.join(ROLLOUTS)}, got {self.rollouts!r}"
+            )
         if self.method in ("vbon", "bon-sft"):
             if self.n < 2:
                 errors.append(

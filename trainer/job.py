@@ -373,7 +373,12 @@ def build_rloo_trainer(job: Job, rows: list[ReferenceRow] | None, *, progress: b
         kl_stop=cfg.kl_stop, kl_window=cfg.kl_window, max_minutes=cfg.max_train_minutes,
         progress=progress,
     )
-    trainer = RLOOTrainer(
+    trainer_class: type = RLOOTrainer
+    if cfg.rollouts == "vllm":
+        from trainer.rollouts import rollout_trainer_class
+
+        trainer_class = rollout_trainer_class()
+    trainer = trainer_class(
         model=model,
         reward_funcs=[reward_fn],
         args=args,
@@ -391,6 +396,16 @@ def build_rloo_trainer(job: Job, rows: list[ReferenceRow] | None, *, progress: b
             return completion_logprobs(m, pids, completion_ids, pad_id=pad, disable_adapter=True)
 
         reward_fn.ref_logprob = ref_logprob
+    if cfg.rollouts == "vllm":
+        from trainer.rollouts import VLLMRollouts
+
+        trainer.rollouts = VLLMRollouts(
+            model_path=job.model_path,
+            engine_settings=job.engine_settings,
+            sampling=s,
+            lora_rank=cfg.lora_rank,
+            folder=cfg.run_dir / "rollout-lora",
+        )
     return trainer, callback
 
 
@@ -460,7 +475,16 @@ def train_stage(job: Job, rows: list[ReferenceRow] | None):
     else:
         trainer, callback = build_rloo_trainer(job, rows)
     _drop_default_progress(trainer)
-    trainer.train(resume_from_checkpoint=job.resume_from)
+    rollouts = getattr(trainer, "rollouts", None)
+    if rollouts is not None:
+        rollouts.start()
+    try:
+        trainer.train(resume_from_checkpoint=job.resume_from)
+    finally:
+        if rollouts is not None:
+            # Its engine process would compete with the evaluation's for the CPU.
+            rollouts.close()
+            logger.info("rollouts: %s", {k: round(v, 1) for k, v in rollouts.seconds.items()})
     return trainer, callback
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -77,8 +78,35 @@ def apply(runner_cls: Any) -> bool:
     return True
 
 
+def die_with_parent() -> bool:
+    """In a process that vLLM spawned (engine core, workers): exit when the parent process
+    dies. vLLM shuts its engine down on a normal exit, but after a SIGKILL (OOM killer, a
+    killed training job) the engine core and its workers lived on as orphans, holding
+    gigabytes and the CPU. A daemon thread waits on multiprocessing's parent sentinel (no
+    polling; unlike prctl's parent-death signal it is not tied to the thread that spawned us)."""
+    import multiprocessing
+    import threading
+    from multiprocessing.connection import wait
+
+    parent = multiprocessing.parent_process()
+    if parent is None or getattr(parent, "_sentinel", None) is None:
+        return False
+
+    def watch() -> None:
+        wait([parent.sentinel])
+        logger.warning("vbon: parent process %s is gone; exiting", parent.pid)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="vbon-parent-watch", daemon=True).start()
+    return True
+
+
 def register() -> None:
-    """vLLM general-plugin hook; a no-op off the CPU platform."""
+    """vLLM general-plugin hook: orphan protection everywhere, patches on the CPU platform."""
+    try:
+        die_with_parent()
+    except Exception as exc:  # pragma: no cover - never stop the engine from starting
+        logger.warning("vbon: parent-death signal not set: %s", exc)
     try:
         from vllm.platforms import current_platform
 
@@ -111,10 +139,14 @@ def _grouped(inputs: Any, weights: Any, indices: Any, dtype: Any) -> Any:
     w = weights.squeeze(dim=1) if weights.dim() == 4 else weights
     x = inputs.to(dtype=dtype)
     uniq = torch.unique(indices)
-    if uniq.numel() == 1:
+    if uniq.numel() == 1 and int(uniq.item()) >= 0:
         return x @ w[int(uniq.item())].to(dtype=dtype).T
-    out = x.new_empty((x.shape[0], w.shape[1]))
+    # Index -1 marks a token without LoRA; vLLM's own op indexes the weights with it (the
+    # last slot's weights), here such tokens get zero explicitly.
+    out = x.new_zeros((x.shape[0], w.shape[1]))
     for idx in uniq.tolist():
+        if idx < 0:
+            continue
         rows = (indices == idx).nonzero(as_tuple=True)[0]
         out[rows] = x[rows] @ w[idx].to(dtype=dtype).T
     return out
@@ -183,12 +215,12 @@ def make_lora_ops(orig: Any) -> dict[str, Any]:
 
 
 def apply_lora_ops() -> bool:
-    import os
-
     if os.environ.get("VBON_FAST_CPU_LORA", "1") == "0":
         return False
     import vllm.lora.ops.torch_ops.lora_ops as lora_ops
     import vllm.lora.punica_wrapper.punica_cpu as punica_cpu
+
+    apply_fused_lora_linear(punica_cpu.PunicaWrapperCPU)
 
     if getattr(lora_ops, _PATCHED_ATTR, False):
         return True
@@ -204,4 +236,101 @@ def apply_lora_ops() -> bool:
         if hasattr(punica_cpu, name):
             setattr(punica_cpu, name, fn)  # imported by name into the CPU wrapper (decode)
     setattr(lora_ops, _PATCHED_ATTR, True)
+    return True
+
+
+# -- One adapter in the whole batch: two matmuls per LoRA layer ------------------------------
+#
+# Even grouped, vLLM's CPU path runs ~45 small torch ops per LoRA layer per step (a float32
+# buffer per slice, a shrink and an expand per slice, each with its own unique(), dtype casts
+# of the weights and slice copies); for a 135M model that per-op overhead, not arithmetic,
+# made a LoRA sample ~2x the cost of a base one. The usual batch has a single adapter (a vBoN
+# request, the trainer's rollouts) or none (BoN), so the wrapper learns that once per batch
+# mapping and then applies a layer as y += (x @ A_all) @ B_blockdiag, with A of all slices
+# concatenated (scale folded in) and B block-diagonal, both cached per layer and adapter slot
+# and rebuilt when vLLM writes new weights into the slot (tensor version counters). Batches
+# mixing adapters, or base and adapter tokens, keep the stock (grouped) path.
+
+
+def _single_index(indices: Any) -> int | None:
+    """The one LoRA slot every token uses (-1: none), or None for a mixed batch."""
+    if indices.numel() == 0:
+        return -1
+    lo, hi = int(indices.min()), int(indices.max())
+    return lo if lo == hi else None
+
+
+def fused_weights(
+    lora_a: tuple[Any, ...], lora_b: tuple[Any, ...], slot: int, scale: float, dtype: Any
+) -> tuple[Any, Any]:
+    """(A_all, B_block): x @ A_all @ B_block == concat_i(scale * x @ A_i.T @ B_i.T); A_all
+    in float32, B_block in `dtype`."""
+    import torch
+
+    a = [t[slot].reshape(t.shape[-2], t.shape[-1]) for t in lora_a]  # rank x in
+    b = [t[slot].reshape(t.shape[-2], t.shape[-1]) for t in lora_b]  # out x rank
+    # Shrink in float32 and expand in the model's dtype, as vLLM's own ops do.
+    a_all = (torch.cat(a, dim=0).T.float() * scale).contiguous()
+    ranks, outs = [t.shape[0] for t in a], [t.shape[0] for t in b]
+    b_block = torch.zeros((sum(ranks), sum(outs)), dtype=dtype)
+    r0 = o0 = 0
+    for w, r, o in zip(b, ranks, outs, strict=True):
+        b_block[r0 : r0 + r, o0 : o0 + o] = w.T.to(dtype)
+        r0, o0 = r0 + r, o0 + o
+    return a_all, b_block
+
+
+def apply_fused_lora_linear(wrapper_cls: Any) -> bool:
+    if getattr(wrapper_cls, _PATCHED_ATTR, False):
+        return True
+    if not (hasattr(wrapper_cls, "update_metadata") and hasattr(wrapper_cls, "add_lora_linear")):
+        logger.warning("vbon: vLLM's CPU punica wrapper changed; fused LoRA path not applied")
+        return False
+    orig_update = wrapper_cls.update_metadata
+    orig_add = wrapper_cls.add_lora_linear
+
+    @functools.wraps(orig_update)
+    def update_metadata(self: Any, *args: Any, **kwargs: Any) -> Any:
+        out = orig_update(self, *args, **kwargs)
+        self._vbon_slot = _single_index(self.token_lora_indices)
+        return out
+
+    @functools.wraps(orig_add)
+    def add_lora_linear(
+        self: Any,
+        y: Any,
+        x: Any,
+        lora_a_stacked: tuple[Any, ...],
+        lora_b_stacked: tuple[Any, ...],
+        scale: float,
+        output_slices: tuple[int, ...],
+        *args: Any,
+        **kwargs: Any,
+    ) -> Any:
+        slot = getattr(self, "_vbon_slot", None)
+        if slot is None or y.dim() != 2 or x.shape[0] != y.shape[0]:
+            return orig_add(
+                self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, *args, **kwargs
+            )
+        if slot < 0:
+            return None  # no token of this batch uses an adapter
+        cache = self.__dict__.setdefault("_vbon_fused", {})
+        key = (id(lora_a_stacked), slot, scale, y.dtype)
+        version = tuple(t._version for t in (*lora_a_stacked, *lora_b_stacked))
+        hit = cache.get(key)
+        if hit is None or hit[0] != version:
+            hit = (version, *fused_weights(lora_a_stacked, lora_b_stacked, slot, scale, y.dtype))
+            cache[key] = hit
+        _, a_all, b_block = hit
+        delta = (x.reshape(x.shape[0], -1).float() @ a_all).to(y.dtype) @ b_block
+        width = delta.shape[1]
+        if width == y.shape[1]:
+            y.add_(delta)
+        else:
+            y[:, :width] += delta
+        return None
+
+    wrapper_cls.update_metadata = update_metadata
+    wrapper_cls.add_lora_linear = add_lora_linear
+    setattr(wrapper_cls, _PATCHED_ATTR, True)
     return True
