@@ -163,9 +163,9 @@ class TrainConfig:
     rollouts: str = field(
         default="vllm",
         metadata={
-            "help": "What samples the RL rollouts: vllm (an offline vLLM engine with the "
-            "current LoRA weights, the gateway's sampler; ~3x faster generation on the CPU) "
-            "or transformers (TRL's own generate).",
+            "help": "What samples the RL rollouts: vllm (an offline vLLM engine fed the "
+            "current LoRA weights after every step: the gateway's sampler, and rollouts ~1.8x "
+            "faster than TRL's generate on this CPU) or transformers (TRL's own generate).",
             "choices": ROLLOUTS,
         },
     )
