@@ -176,7 +176,10 @@ def test_kill_and_resume(
     steps = [int(line.split(",")[0]) for line in (out / "curves.csv").read_text().splitlines()[1:]]
     assert steps == list(range(1, 9))
     assert no_partial_folders(out.parent)
-    figures.add("trainer: SIGKILL, then --resume", faults=1, survived=1, note="8/8 steps, valid, no orphans")
+    figures.add(
+        "trainer: SIGKILL, then --resume", faults=1, survived=1,
+        note="8/8 steps, valid, no orphans",
+    )  # fmt: skip
 
 
 def _write(path: Path, text: str) -> Path:

@@ -10,20 +10,24 @@ import torch
 from vbon.vllm_patches import make_lora_ops
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def ops():
-    # The stock functions, even if the plugin already patched this process.
+    # The stock functions, even if the plugin already patched this process; afterwards the
+    # module is put back as it was (a reload keeps the plugin's "patched" flag but not its
+    # functions, which would leave later tests with stock ops that the flag calls patched).
     import importlib
 
     import vllm.lora.ops.torch_ops.lora_ops as lora_ops
 
+    saved = dict(vars(lora_ops))
     fresh = importlib.reload(lora_ops)
     orig = types.SimpleNamespace(
         bgmv_shrink=fresh.bgmv_shrink,
         bgmv_expand=fresh.bgmv_expand,
         bgmv_expand_slice=fresh.bgmv_expand_slice,
     )
-    return orig, make_lora_ops(orig)
+    yield orig, make_lora_ops(orig)
+    vars(lora_ops).update(saved)
 
 
 @pytest.mark.parametrize(

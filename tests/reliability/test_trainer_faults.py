@@ -66,11 +66,12 @@ def test_disk_full_while_publishing_keeps_the_previous_adapter(
     out = tmp_path / "adapters" / "vbon-disk"
     make_peft_adapter(embedded_model, out, n=4, rank=4)
     before = digest(out)
-    # No checkpoints, so the first large write is the new adapter's weights (~2 MB) while
-    # publishing: the moment a full disk could hurt the adapter being served.
+    # No checkpoints and TRL's own rollouts (a rollout engine writes caches and LoRA copies,
+    # and would meet the limit first), so the first large write is the new adapter's weights
+    # (~2 MB) while publishing: the moment a full disk could hurt the adapter being served.
     args = tiny(
         reference_file, tmp_path, "vbon-disk", "--overwrite", "--checkpoint-every", "99",
-        "--steps", "1",
+        "--steps", "1", "--rollouts", "transformers",
     )  # fmt: skip
     proc = subprocess.run(
         [sys.executable, "-m", "trainer", *args],
