@@ -60,3 +60,50 @@ def test_candidate_i_uses_seed_plus_i(llm) -> None:
     (group,) = llm.generate([prompt], vllm_params(Sampling(seed=7), n=3), use_tqdm=False)
     (single,) = llm.generate([prompt], vllm_params(Sampling(seed=9), n=1), use_tqdm=False)
     assert single.outputs[0].text == group.outputs[2].text
+
+
+def test_a_reused_lora_slot_serves_the_new_adapter(llm, embedded_model: Path, tmp_path) -> None:
+    """vLLM keeps max_loras adapters in slots and writes a new one into the least recently
+    used slot. What it computes must follow the new weights: checked against transformers +
+    peft (fp32) for the adapter that reuses a slot, and against the adapter that held it
+    before (a cache keyed on the slot once served those)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    from vllm import SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    from tests.adapters_util import make_peft_adapter
+    from trainer.logprobs import completion_logprobs
+
+    slots = CoreSettings().max_loras
+    folders = [
+        make_peft_adapter(embedded_model, tmp_path / f"a{i}", rank=8, seed=100 + i)
+        for i in range(slots + 1)
+    ]
+    tok = llm.get_tokenizer()
+    prompt = render_task(tok, load_prompts(default_prompt_file("eval"))[0])
+    prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    completion_ids = tok(" It was a quiet and lovely film.", add_special_tokens=False)["input_ids"]
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0)
+
+    def vllm_logprob(i: int, lora_id: int) -> float:
+        lora = LoRARequest(f"slot-test-{lora_id}", lora_id, str(folders[i]))
+        out = llm.generate(
+            [{"prompt_token_ids": prompt_ids + completion_ids}], params, lora_request=lora,
+            use_tqdm=False,
+        )[0]
+        tail = out.prompt_logprobs[len(prompt_ids) :]
+        return sum(d[t].logprob for d, t in zip(tail, completion_ids, strict=True))
+
+    def hf_logprob(i: int) -> float:
+        base = AutoModelForCausalLM.from_pretrained(embedded_model, dtype=torch.float32)
+        model = PeftModel.from_pretrained(base, str(folders[i]))
+        return completion_logprobs(model, [prompt_ids], [completion_ids], pad_id=0)[0]
+
+    # Fill every slot, then one more: the last adapter takes the first one's slot.
+    served = [vllm_logprob(i, 1000 + i) for i in range(slots + 1)]
+    truth_new, truth_old = hf_logprob(slots), hf_logprob(0)
+    assert abs(truth_new - truth_old) > 2.0, "test adapters too similar to tell apart"
+    assert abs(served[slots] - truth_new) < 0.25 * abs(truth_new - truth_old), (served, truth_new)
+    assert abs(served[0] - truth_old) < 0.25 * abs(truth_new - truth_old), (served, truth_old)

@@ -118,9 +118,18 @@ def test_add_lora_linear_matches_its_semantics(
         expected = _explicit(y, x, a, b, slots, 0.5)
         wrapper.add_lora_linear(y, x, a, b, 0.5, widths)
         torch.testing.assert_close(y, expected, **tol)
-    # vLLM loads another adapter into a slot in place: the cache must not serve old weights.
-    for t in (*a, *b):
-        t[1].copy_(torch.randn_like(t[1]))
+    # vLLM writes another adapter into a slot in place, under inference mode (no tensor
+    # version bump), during LoRAModelManager.activate_adapter: the cache must not serve the
+    # old weights afterwards. (The stub is "already active", so vLLM's method returns early;
+    # the hook counts the activation all the same.)
+    from vllm.lora.model_manager import LoRAModelManager
+
+    with torch.inference_mode():
+        for t in (*a, *b):
+            t[1].copy_(torch.randn_like(t[1]))
+    stub = object.__new__(LoRAModelManager)
+    stub._active_adapters = {7: None}
+    assert LoRAModelManager.activate_adapter(stub, 7) is False
     y = torch.randn(len(ids), sum(widths) + pad, dtype=dtype)
     expected = _explicit(y, x, a, b, slots, 0.5)
     wrapper.add_lora_linear(y, x, a, b, 0.5, widths)

@@ -220,8 +220,10 @@ def apply_lora_ops() -> bool:
         return False
     import vllm.lora.ops.torch_ops.lora_ops as lora_ops
     import vllm.lora.punica_wrapper.punica_cpu as punica_cpu
+    from vllm.lora.model_manager import LoRAModelManager
 
-    apply_fused_lora_linear(punica_cpu.PunicaWrapperCPU)
+    if apply_activation_hook(LoRAModelManager):
+        apply_fused_lora_linear(punica_cpu.PunicaWrapperCPU)
 
     if getattr(lora_ops, _PATCHED_ATTR, False):
         return True
@@ -248,9 +250,37 @@ def apply_lora_ops() -> bool:
 # made a LoRA sample ~2x the cost of a base one. The usual batch has a single adapter (a vBoN
 # request, the trainer's rollouts) or none (BoN), so the wrapper learns that once per batch
 # mapping and then applies a layer as y += (x @ A_all) @ B_blockdiag, with A of all slices
-# concatenated (scale folded in) and B block-diagonal, both cached per layer and adapter slot
-# and rebuilt when vLLM writes new weights into the slot (tensor version counters). Batches
-# mixing adapters, or base and adapter tokens, keep the stock (grouped) path.
+# concatenated (scale folded in) and B block-diagonal, both cached per layer and adapter slot.
+# The cache is dropped whenever vLLM activates an adapter (writes weights into a slot): tensor
+# version counters cannot tell, because vLLM copies the weights in under inference mode, which
+# skips version bumps. Batches mixing adapters, or base and adapter tokens, keep the stock
+# (grouped) path.
+
+_weights_generation = 0  # bumped on every adapter activation in this process
+
+
+def _bump_generation() -> None:
+    global _weights_generation
+    _weights_generation += 1
+
+
+def apply_activation_hook(manager_cls: Any) -> bool:
+    """Count adapter activations (LoRAModelManager.activate_adapter; the LRU manager calls it
+    through super()), so fused weights are never served from a slot that was rewritten."""
+    if getattr(manager_cls, _PATCHED_ATTR, False):
+        return True
+    orig = manager_cls.activate_adapter
+
+    @functools.wraps(orig)
+    def activate_adapter(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return orig(self, *args, **kwargs)
+        finally:
+            _bump_generation()
+
+    manager_cls.activate_adapter = activate_adapter
+    setattr(manager_cls, _PATCHED_ATTR, True)
+    return True
 
 
 def _single_index(indices: Any) -> int | None:
@@ -316,13 +346,14 @@ def apply_fused_lora_linear(wrapper_cls: Any) -> bool:
         if slot < 0:
             return None  # no token of this batch uses an adapter
         cache = self.__dict__.setdefault("_vbon_fused", {})
+        if cache.get("generation") != _weights_generation:
+            cache.clear()
+            cache["generation"] = _weights_generation
         key = (id(lora_a_stacked), slot, scale, y.dtype)
-        version = tuple(t._version for t in (*lora_a_stacked, *lora_b_stacked))
         hit = cache.get(key)
-        if hit is None or hit[0] != version:
-            hit = (version, *fused_weights(lora_a_stacked, lora_b_stacked, slot, scale, y.dtype))
-            cache[key] = hit
-        _, a_all, b_block = hit
+        if hit is None:
+            hit = cache[key] = fused_weights(lora_a_stacked, lora_b_stacked, slot, scale, y.dtype)
+        a_all, b_block = hit
         delta = (x.reshape(x.shape[0], -1).float() @ a_all).to(y.dtype) @ b_block
         width = delta.shape[1]
         if width == y.shape[1]:
