@@ -117,15 +117,11 @@ def evaluate_adapter(
     from vllm.lora.request import LoRARequest
 
     from trainer.logprobs import completion_logprobs
-    from trainer.reference import close_llm
-    from vbon.engine import build_llm
+    from trainer.reference import build_lora_llm, close_llm
     from vbon.prompts import render_task
 
     t0 = time.monotonic()
-    overrides = {}
-    if lora_rank > engine_settings.max_lora_rank:
-        overrides["max_lora_rank"] = lora_rank
-    llm = build_llm(engine_settings, model_path=model_path, **overrides)
+    llm = build_lora_llm(engine_settings, model_path, lora_rank)
     try:
         tok = llm.get_tokenizer()
         texts = [render_task(tok, o) for o in openings]

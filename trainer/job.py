@@ -374,10 +374,19 @@ def build_rloo_trainer(job: Job, rows: list[ReferenceRow] | None, *, progress: b
         progress=progress,
     )
     trainer_class: type = RLOOTrainer
+    rollouts = None
     if cfg.rollouts == "vllm":
-        from trainer.rollouts import rollout_trainer_class
+        from trainer.rollouts import VLLMRollouts, rollout_trainer_class
 
         trainer_class = rollout_trainer_class()
+        rollouts = VLLMRollouts(
+            model_path=job.model_path,
+            engine_settings=job.engine_settings,
+            sampling=s,
+            lora_rank=cfg.lora_rank,
+            folder=cfg.run_dir / "rollout-lora",
+            seed=cfg.seed,
+        )
     trainer = trainer_class(
         model=model,
         reward_funcs=[reward_fn],
@@ -396,17 +405,8 @@ def build_rloo_trainer(job: Job, rows: list[ReferenceRow] | None, *, progress: b
             return completion_logprobs(m, pids, completion_ids, pad_id=pad, disable_adapter=True)
 
         reward_fn.ref_logprob = ref_logprob
-    if cfg.rollouts == "vllm":
-        from trainer.rollouts import VLLMRollouts
-
-        trainer.rollouts = VLLMRollouts(
-            model_path=job.model_path,
-            engine_settings=job.engine_settings,
-            sampling=s,
-            lora_rank=cfg.lora_rank,
-            folder=cfg.run_dir / "rollout-lora",
-            seed=cfg.seed,
-        )
+    if rollouts is not None:
+        trainer.rollouts = rollouts  # started and closed by train_stage
     return trainer, callback
 
 

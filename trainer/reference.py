@@ -122,6 +122,18 @@ def cache_key(
     }
 
 
+def build_lora_llm(
+    engine_settings: Any, model_path: str, lora_rank: int, **overrides: Any
+) -> Any:
+    """An offline vLLM engine that accepts adapters of `lora_rank` (the engine's max rank is
+    raised for it when the settings' is lower)."""
+    from vbon.engine import build_llm
+
+    if lora_rank > engine_settings.max_lora_rank:
+        overrides["max_lora_rank"] = lora_rank
+    return build_llm(engine_settings, model_path=model_path, **overrides)
+
+
 def close_llm(llm: Any) -> None:
     """Stop a vLLM LLM's engine process now (its CPU threads would compete with training)."""
     try:

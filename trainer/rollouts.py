@@ -49,14 +49,13 @@ class VLLMRollouts:
 
     def start(self) -> None:
         """Start the engine (a setup step: tens of seconds, so never in __init__)."""
-        from vbon.engine import build_llm
+        from trainer.reference import build_lora_llm
 
-        # The job's seed, not the gateway's engine seed, drives the rollouts' sampling.
-        overrides: dict[str, Any] = {"max_loras": 1, "seed": self.seed}
-        if self.lora_rank > self.engine_settings.max_lora_rank:
-            overrides["max_lora_rank"] = self.lora_rank
         t0 = time.monotonic()
-        self.llm = build_llm(self.engine_settings, model_path=self.model_path, **overrides)
+        # The job's seed, not the gateway's engine seed, drives the rollouts' sampling.
+        self.llm = build_lora_llm(
+            self.engine_settings, self.model_path, self.lora_rank, max_loras=1, seed=self.seed
+        )
         logger.info("rollout engine ready in %.0f s", time.monotonic() - t0)
 
     def close(self) -> None:

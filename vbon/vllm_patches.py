@@ -21,11 +21,29 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 logger = logging.getLogger(__name__)
 
 _PATCHED_ATTR = "_vbon_cpu_seed_fix"
+
+
+def _install(cls: Any, what: str, make: Callable[..., tuple[Any, ...]], *names: str) -> bool:
+    """Replace the methods `names` of `cls` with the wrappers `make(*originals)` returns (in
+    the same order), once per class. False, with a warning, when this vLLM lacks one of them
+    (then nothing changes)."""
+    if getattr(cls, _PATCHED_ATTR, False):
+        return True
+    missing = [n for n in names if not hasattr(cls, n)]
+    if missing:
+        logger.warning("vbon: vLLM's %s has no %s; %s not applied", cls.__name__, missing, what)
+        return False
+    originals = [getattr(cls, n) for n in names]
+    for name, orig, wrapper in zip(names, originals, make(*originals), strict=True):
+        setattr(cls, name, functools.wraps(orig)(wrapper))
+    setattr(cls, _PATCHED_ATTR, True)
+    return True
 
 
 def _discarded_cpu_generators(runner: Any) -> dict[int, Any]:
@@ -42,41 +60,32 @@ def _discarded_cpu_generators(runner: Any) -> dict[int, Any]:
 def apply(runner_cls: Any) -> bool:
     """Patch `runner_cls` (GPUModelRunner, of which CPUModelRunner is a subclass). Returns
     False when this vLLM no longer has the methods the fix wraps (then nothing changes)."""
-    if getattr(runner_cls, _PATCHED_ATTR, False):
-        return True
-    if not (hasattr(runner_cls, "_sample") and hasattr(runner_cls, "_bookkeeping_sync")):
-        logger.warning("vbon: vLLM model runner changed; CPU seed fix not applied")
-        return False
-    orig_sample = runner_cls._sample
-    orig_bookkeeping = runner_cls._bookkeeping_sync
 
-    @functools.wraps(orig_sample)
-    def _sample(self: Any, *args: Any, **kwargs: Any) -> Any:
-        gens = _discarded_cpu_generators(self)
-        self._vbon_gen_snapshots = {i: (g, g.get_state()) for i, g in gens.items()}
-        return orig_sample(self, *args, **kwargs)
+    def make(orig_sample: Any, orig_bookkeeping: Any) -> tuple[Any, Any]:
+        def _sample(self: Any, *args: Any, **kwargs: Any) -> Any:
+            gens = _discarded_cpu_generators(self)
+            self._vbon_gen_snapshots = {i: (g, g.get_state()) for i, g in gens.items()}
+            return orig_sample(self, *args, **kwargs)
 
-    @functools.wraps(orig_bookkeeping)
-    def _bookkeeping_sync(self: Any, *args: Any, **kwargs: Any) -> Any:
-        snapshots: dict[int, tuple[Any, Any]] = getattr(self, "_vbon_gen_snapshots", {}) or {}
-        self._vbon_gen_snapshots = {}
-        generators = self.input_batch.generators
-        # Hide the CPU generators from vLLM's CUDA-only rewind, restore their pre-sampling
-        # state ourselves, then put them back.
-        hidden = {i: generators.pop(i) for i in _discarded_cpu_generators(self)}
-        try:
-            return orig_bookkeeping(self, *args, **kwargs)
-        finally:
-            for i, gen in hidden.items():
-                snap = snapshots.get(i)
-                if snap is not None and snap[0] is gen:
-                    gen.set_state(snap[1])
-                generators[i] = gen
+        def _bookkeeping_sync(self: Any, *args: Any, **kwargs: Any) -> Any:
+            snapshots: dict[int, tuple[Any, Any]] = getattr(self, "_vbon_gen_snapshots", {}) or {}
+            self._vbon_gen_snapshots = {}
+            generators = self.input_batch.generators
+            # Hide the CPU generators from vLLM's CUDA-only rewind, restore their pre-sampling
+            # state ourselves, then put them back.
+            hidden = {i: generators.pop(i) for i in _discarded_cpu_generators(self)}
+            try:
+                return orig_bookkeeping(self, *args, **kwargs)
+            finally:
+                for i, gen in hidden.items():
+                    snap = snapshots.get(i)
+                    if snap is not None and snap[0] is gen:
+                        gen.set_state(snap[1])
+                    generators[i] = gen
 
-    runner_cls._sample = _sample
-    runner_cls._bookkeeping_sync = _bookkeeping_sync
-    setattr(runner_cls, _PATCHED_ATTR, True)
-    return True
+        return _sample, _bookkeeping_sync
+
+    return _install(runner_cls, "CPU seed fix", make, "_sample", "_bookkeeping_sync")
 
 
 def die_with_parent() -> bool:
@@ -267,20 +276,17 @@ def _bump_generation() -> None:
 def apply_activation_hook(manager_cls: Any) -> bool:
     """Count adapter activations (LoRAModelManager.activate_adapter; the LRU manager calls it
     through super()), so fused weights are never served from a slot that was rewritten."""
-    if getattr(manager_cls, _PATCHED_ATTR, False):
-        return True
-    orig = manager_cls.activate_adapter
 
-    @functools.wraps(orig)
-    def activate_adapter(self: Any, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return orig(self, *args, **kwargs)
-        finally:
-            _bump_generation()
+    def make(orig: Any) -> tuple[Any]:
+        def activate_adapter(self: Any, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return orig(self, *args, **kwargs)
+            finally:
+                _bump_generation()
 
-    manager_cls.activate_adapter = activate_adapter
-    setattr(manager_cls, _PATCHED_ATTR, True)
-    return True
+        return (activate_adapter,)
+
+    return _install(manager_cls, "LoRA activation hook", make, "activate_adapter")
 
 
 def _single_index(indices: Any) -> int | None:
@@ -312,57 +318,52 @@ def fused_weights(
 
 
 def apply_fused_lora_linear(wrapper_cls: Any) -> bool:
-    if getattr(wrapper_cls, _PATCHED_ATTR, False):
-        return True
-    if not (hasattr(wrapper_cls, "update_metadata") and hasattr(wrapper_cls, "add_lora_linear")):
-        logger.warning("vbon: vLLM's CPU punica wrapper changed; fused LoRA path not applied")
-        return False
-    orig_update = wrapper_cls.update_metadata
-    orig_add = wrapper_cls.add_lora_linear
+    def make(orig_update: Any, orig_add: Any) -> tuple[Any, Any]:
+        def update_metadata(self: Any, *args: Any, **kwargs: Any) -> Any:
+            out = orig_update(self, *args, **kwargs)
+            self._vbon_slot = _single_index(self.token_lora_indices)
+            return out
 
-    @functools.wraps(orig_update)
-    def update_metadata(self: Any, *args: Any, **kwargs: Any) -> Any:
-        out = orig_update(self, *args, **kwargs)
-        self._vbon_slot = _single_index(self.token_lora_indices)
-        return out
+        def add_lora_linear(
+            self: Any,
+            y: Any,
+            x: Any,
+            lora_a_stacked: tuple[Any, ...],
+            lora_b_stacked: tuple[Any, ...],
+            scale: float,
+            output_slices: tuple[int, ...],
+            *args: Any,
+            **kwargs: Any,
+        ) -> Any:
+            slot = getattr(self, "_vbon_slot", None)
+            if slot is None or y.dim() != 2 or x.shape[0] != y.shape[0]:
+                return orig_add(
+                    self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, *args,
+                    **kwargs,
+                )  # fmt: skip
+            if slot < 0:
+                return None  # no token of this batch uses an adapter
+            cache = self.__dict__.setdefault("_vbon_fused", {})
+            if cache.get("generation") != _weights_generation:
+                cache.clear()
+                cache["generation"] = _weights_generation
+            key = (id(lora_a_stacked), slot, scale, y.dtype)
+            hit = cache.get(key)
+            if hit is None:
+                hit = cache[key] = fused_weights(
+                    lora_a_stacked, lora_b_stacked, slot, scale, y.dtype
+                )
+            a_all, b_block = hit
+            delta = (x.reshape(x.shape[0], -1).float() @ a_all).to(y.dtype) @ b_block
+            width = delta.shape[1]
+            if width == y.shape[1]:
+                y.add_(delta)
+            else:
+                y[:, :width] += delta
+            return None
 
-    @functools.wraps(orig_add)
-    def add_lora_linear(
-        self: Any,
-        y: Any,
-        x: Any,
-        lora_a_stacked: tuple[Any, ...],
-        lora_b_stacked: tuple[Any, ...],
-        scale: float,
-        output_slices: tuple[int, ...],
-        *args: Any,
-        **kwargs: Any,
-    ) -> Any:
-        slot = getattr(self, "_vbon_slot", None)
-        if slot is None or y.dim() != 2 or x.shape[0] != y.shape[0]:
-            return orig_add(
-                self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, *args, **kwargs
-            )
-        if slot < 0:
-            return None  # no token of this batch uses an adapter
-        cache = self.__dict__.setdefault("_vbon_fused", {})
-        if cache.get("generation") != _weights_generation:
-            cache.clear()
-            cache["generation"] = _weights_generation
-        key = (id(lora_a_stacked), slot, scale, y.dtype)
-        hit = cache.get(key)
-        if hit is None:
-            hit = cache[key] = fused_weights(lora_a_stacked, lora_b_stacked, slot, scale, y.dtype)
-        a_all, b_block = hit
-        delta = (x.reshape(x.shape[0], -1).float() @ a_all).to(y.dtype) @ b_block
-        width = delta.shape[1]
-        if width == y.shape[1]:
-            y.add_(delta)
-        else:
-            y[:, :width] += delta
-        return None
+        return update_metadata, add_lora_linear
 
-    wrapper_cls.update_metadata = update_metadata
-    wrapper_cls.add_lora_linear = add_lora_linear
-    setattr(wrapper_cls, _PATCHED_ATTR, True)
-    return True
+    return _install(
+        wrapper_cls, "fused CPU LoRA path", make, "update_metadata", "add_lora_linear"
+    )
