@@ -120,16 +120,28 @@ def test_add_lora_linear_matches_its_semantics(
         torch.testing.assert_close(y, expected, **tol)
     # vLLM writes another adapter into a slot in place, under inference mode (no tensor
     # version bump), during LoRAModelManager.activate_adapter: the cache must not serve the
-    # old weights afterwards. (The stub is "already active", so vLLM's method returns early;
-    # the hook counts the activation all the same.)
+    # old weights afterwards. vLLM also calls activate_adapter for the already active adapter
+    # on every step (it returns False): that must keep the cache, or every decode step
+    # rebuilds every layer's fused weights.
+    from types import SimpleNamespace
+
     from vllm.lora.model_manager import LoRAModelManager
 
+    import vbon.vllm_patches as patches
+
+    stub = object.__new__(LoRAModelManager)
+    stub._active_adapters = {7: None}
+    built = patches._weights_generation
+    assert LoRAModelManager.activate_adapter(stub, 7) is False
+    assert patches._weights_generation == built, "an already active adapter dropped the cache"
     with torch.inference_mode():
         for t in (*a, *b):
             t[1].copy_(torch.randn_like(t[1]))
-    stub = object.__new__(LoRAModelManager)
-    stub._active_adapters = {7: None}
-    assert LoRAModelManager.activate_adapter(stub, 7) is False
+    stub._active_adapters = {}
+    stub.lora_index_to_id = [None]
+    stub._registered_adapters = {8: SimpleNamespace(id=8)}
+    stub.modules = {}  # the slot write itself happened above
+    assert LoRAModelManager.activate_adapter(stub, 8) is True
     y = torch.randn(len(ids), sum(widths) + pad, dtype=dtype)
     expected = _explicit(y, x, a, b, slots, 0.5)
     wrapper.add_lora_linear(y, x, a, b, 0.5, widths)

@@ -152,8 +152,9 @@ class TrainConfig:
     dtype: str = field(
         default="auto",
         metadata={
-            "help": "Training dtype: auto (bfloat16 autocast on a GPU, float32 on the CPU), "
-            "float32, bfloat16 (autocast; LoRA weights stay fp32).",
+            "help": "Training dtype: auto (bfloat16 autocast on a GPU or a CPU with native "
+            "bf16 (AVX512-BF16/AMX), float32 elsewhere), float32, bfloat16 (autocast; LoRA "
+            "weights stay fp32).",
             "choices": DTYPES,
         },
     )

@@ -3,11 +3,11 @@
 Why: vLLM is the sampler the gateway serves with, so the policy is trained on the samples it
 will be served as, and on this CPU it draws them ~1.8x faster than `generate` (which took about
 a quarter of every RLOO step; docs/trainer.md has the breakdown).
-How: TRL asks `_generate_single_turn` for completion token ids; `VLLMRolloutRLOOTrainer`
-answers from an offline vLLM engine (built once by `vbon.engine.build_llm`), with the current
-LoRA weights saved after each optimizer step and loaded under a new LoRA id (vLLM never
-reloads weights in place under the same id). Log-probabilities for the loss still come from the
-training model, as with TRL's own vLLM mode.
+How: TRL asks `_generate_single_turn` for completion token ids; our RLOOTrainer
+(trainer/rloo.py) answers from an offline vLLM engine (built once by `vbon.engine.build_llm`),
+with the current LoRA weights saved after each optimizer step and loaded under a new LoRA id
+(vLLM never reloads weights in place under the same id). Log-probabilities for the loss still
+come from the training model, as with TRL's own vLLM mode.
 """
 
 from __future__ import annotations
@@ -108,19 +108,3 @@ class VLLMRollouts:
             completions.extend(list(c.token_ids) for c in out.outputs)
         self.seconds["generate"] += time.monotonic() - t0
         return completions
-
-
-def rollout_trainer_class() -> type:
-    """RLOOTrainer whose rollouts come from a VLLMRollouts (set as `trainer.rollouts`)."""
-    from trl import RLOOTrainer
-
-    class VLLMRolloutRLOOTrainer(RLOOTrainer):
-        rollouts: VLLMRollouts
-
-        def _generate_single_turn(self, prompt_ids, images, multimodal_fields):
-            step = self.state.global_step
-            if self.rollouts.synced_step != step:
-                self.rollouts.sync(self.accelerator.unwrap_model(self.model), step)
-            return self.rollouts.generate(prompt_ids)
-
-    return VLLMRolloutRLOOTrainer
