@@ -100,7 +100,10 @@ class TrainConfig:
         },
     )
     # --- optimisation ------------------------------------------------------------------------
-    steps: int = field(default=64, metadata={"help": "Optimizer steps."})
+    steps: int = field(
+        default=128,
+        metadata={"help": "Optimizer steps (the early stops below usually end a CPU run first)."},
+    )
     prompts_per_step: int = field(default=4, metadata={"help": "Prompts per optimizer step."})
     completions_per_prompt: int = field(
         default=8,
