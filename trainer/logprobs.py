@@ -1,6 +1,7 @@
-"""Sequence log-probabilities of completions under a causal LM (optionally with its LoRA
-adapter disabled, which gives the base model): the exact objective's log pi_ref(y) and the
-evaluation's KL estimate sum_t log pi(y_t) - log pi_ref(y_t)."""
+"""Log-probabilities of completions under a causal LM: per sequence (optionally with the LoRA
+adapter disabled, which gives the base model) for the exact objective's log pi_ref(y) and the
+evaluation's KL estimate sum_t log pi(y_t) - log pi_ref(y_t); per token, with gradients, for
+the RL loss (trainer/rloo.py)."""
 
 from __future__ import annotations
 
@@ -44,3 +45,33 @@ def completion_logprobs(
             tok = tok * target[:, 1:]
             out.extend(tok.sum(-1).tolist())
     return out
+
+
+def completion_logps_and_entropies(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    logits_to_keep: int,
+    *,
+    temperature: float,
+    compute_entropy: bool,
+    batch_size: int,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token log-probabilities (of logits divided by `temperature`) and entropies of the last
+    `logits_to_keep` tokens of each row, in float32, with gradients for the log-probabilities
+    (the RL loss); rows go through the model `batch_size` at a time. Only those positions reach
+    the LM head (the models' own `logits_to_keep`)."""
+    logps, entropies = [], []
+    for start in range(0, input_ids.size(0), batch_size):
+        ids = input_ids[start : start + batch_size]
+        mask = attention_mask[start : start + batch_size]
+        # One more position than scored: the logit at t predicts token t+1.
+        logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=logits_to_keep + 1).logits
+        logits = logits[:, :-1].float() / temperature
+        logp_all = torch.log_softmax(logits, dim=-1)
+        target = ids[:, -logits_to_keep:]
+        logps.append(logp_all.gather(-1, target.unsqueeze(-1)).squeeze(-1))
+        if compute_entropy:
+            with torch.no_grad():  # logged only, as in TRL
+                entropies.append(-(logp_all.exp() * logp_all).sum(-1))
+    return torch.cat(logps), (torch.cat(entropies) if compute_entropy else None)
