@@ -123,8 +123,6 @@ def test_add_lora_linear_matches_its_semantics(
     # old weights afterwards. vLLM also calls activate_adapter for the already active adapter
     # on every step (it returns False): that must keep the cache, or every decode step
     # rebuilds every layer's fused weights.
-    from types import SimpleNamespace
-
     from vllm.lora.model_manager import LoRAModelManager
 
     import vbon.vllm_patches as patches
@@ -139,7 +137,7 @@ def test_add_lora_linear_matches_its_semantics(
             t[1].copy_(torch.randn_like(t[1]))
     stub._active_adapters = {}
     stub.lora_index_to_id = [None]
-    stub._registered_adapters = {8: SimpleNamespace(id=8)}
+    stub._registered_adapters = {8: types.SimpleNamespace(id=8)}
     stub.modules = {}  # the slot write itself happened above
     assert LoRAModelManager.activate_adapter(stub, 8) is True
     y = torch.randn(len(ids), sum(widths) + pad, dtype=dtype)

@@ -408,8 +408,7 @@ def build_rloo_trainer(job: Job, rows: list[ReferenceRow] | None, *, progress: b
             return completion_logprobs(m, pids, completion_ids, pad_id=pad, disable_adapter=True)
 
         reward_fn.ref_logprob = ref_logprob
-    if rollouts is not None:
-        trainer.rollouts = rollouts  # started and closed by train_stage
+    trainer.rollouts = rollouts  # None: TRL's generate; else started and closed by train_stage
     return trainer, callback
 
 

@@ -265,7 +265,7 @@ def apply_lora_ops() -> bool:
 # skips version bumps. Batches mixing adapters, or base and adapter tokens, keep the stock
 # (grouped) path.
 
-_weights_generation = 0  # bumped on every adapter activation in this process
+_weights_generation = 0  # bumped on every adapter activation that writes a slot
 
 
 def _bump_generation() -> None:
