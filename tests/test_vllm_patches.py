@@ -144,3 +144,88 @@ def test_add_lora_linear_matches_its_semantics(
     expected = _explicit(y, x, a, b, slots, 0.5)
     wrapper.add_lora_linear(y, x, a, b, 0.5, widths)
     torch.testing.assert_close(y, expected, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merged_lora_linear_is_base_plus_adapter(dtype: torch.dtype) -> None:
+    """The merged single-adapter path (W + B A packed by vLLM's CPU dispatch) computes base +
+    LoRA, reuses its merged weights until an adapter is written into a slot, then serves the
+    new weights; batches without one single adapter go to vLLM's own path."""
+    import vllm.model_executor.layers.utils as layer_utils
+    from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
+
+    import vbon.vllm_patches as patches
+
+    assert patches.apply_lora_ops()
+    assert hasattr(layer_utils.dispatch_cpu_unquantized_gemm, "_vbon_original")
+    torch.manual_seed(0)
+    rank, widths, width_in = 8, (64, 32, 32), 96
+    weight = torch.randn(sum(widths), width_in, dtype=dtype) / width_in**0.5
+    weight_before = weight.clone()
+    a = tuple(torch.randn(2, 1, rank, width_in, dtype=dtype) * 0.2 for _ in widths)
+    b = tuple(torch.randn(2, 1, w, rank, dtype=dtype) * 0.2 for w in widths)
+    # vLLM keeps the bias in float32 where it packs the weight for its AMX kernel.
+    packed = layer_utils.check_cpu_sgl_kernel(sum(widths), width_in, dtype)
+    bias = torch.randn(sum(widths), dtype=torch.float32 if packed else dtype)
+    wrapper = types.SimpleNamespace(_vbon_slot=1)
+    layer = types.SimpleNamespace(
+        punica_wrapper=wrapper,
+        base_layer=types.SimpleNamespace(_vbon_dense_weight=weight),
+        lora_a_stacked=a,
+        lora_b_stacked=b,
+        # vLLM's own path, reached for mixed batches:
+        _get_quant_method=lambda: types.SimpleNamespace(apply=lambda layer, x, bias: "vllm"),
+        _apply_lora_to_output=lambda x, out: out,
+    )
+    apply = BaseLinearLayerWithLoRA._apply_sync
+    x = torch.randn(5, width_in, dtype=dtype)
+
+    def expected(slot: int) -> torch.Tensor:
+        f = x.float()
+        lora = [f @ a[i][slot, 0].float().T @ b[i][slot, 0].float().T for i in range(3)]
+        return f @ weight.float().T + bias.float() + torch.cat(lora, 1)
+
+    tol = {"atol": 1e-3, "rtol": 1e-3} if dtype == torch.float32 else {"atol": 0.1, "rtol": 0.03}
+    torch.testing.assert_close(apply(layer, x, bias).float(), expected(1), **tol)
+    built = layer._vbon_merged[1]
+    apply(layer, x, bias)
+    assert layer._vbon_merged[1] is built, "merged weights rebuilt without a slot write"
+    with torch.inference_mode():  # vLLM writes a new adapter into slot 1 in place
+        for t in (*a, *b):
+            t[1].copy_(torch.randn_like(t[1]) * 0.2)
+    patches._bump_generation()  # what the activation hook does on that write
+    torch.testing.assert_close(apply(layer, x, bias).float(), expected(1), **tol)
+    wrapper._vbon_slot = 0
+    torch.testing.assert_close(apply(layer, x, bias).float(), expected(0), **tol)
+    rebuilt = layer._vbon_merged[1]
+    wrapper._vbon_slot = 1  # switching back and forth between slots builds nothing new
+    torch.testing.assert_close(apply(layer, x, bias).float(), expected(1), **tol)
+    assert layer._vbon_merged[1] is rebuilt
+    for mixed in (None, -1):  # a mixed batch; no adapter at all
+        wrapper._vbon_slot = mixed
+        assert apply(layer, x, bias) == "vllm"
+    assert torch.equal(weight, weight_before), "merging changed the base weight"
+    wrapper._vbon_slot = 1
+    layer.base_layer = types.SimpleNamespace()  # no dense weight kept (over the budget)
+    assert apply(layer, x, bias) == "vllm"
+
+
+def test_dense_weights_are_kept_only_with_lora_and_within_budget(monkeypatch) -> None:
+    import vbon.vllm_patches as patches
+
+    calls = []
+    module = types.SimpleNamespace(dispatch_cpu_unquantized_gemm=lambda layer, rm: calls.append(rm))
+    patches.keep_dense_weights(module)
+    dispatch = module.dispatch_cpu_unquantized_gemm
+    monkeypatch.setattr(patches, "_dense_bytes_kept", 0)
+    # 2 slots: a layer needs 3 x 4 KiB; room for 3 layers
+    monkeypatch.setenv("VBON_MERGED_LORA_MAX_GB", str(3 * 3 * 4096 / 2**30))
+    layers = [types.SimpleNamespace(weight=torch.zeros(32, 32)) for _ in range(5)]
+    monkeypatch.setattr(patches, "_lora_slots", lambda: 0)  # LoRA off
+    dispatch(layers[0], True)
+    monkeypatch.setattr(patches, "_lora_slots", lambda: 2)
+    for layer in layers[1:]:
+        dispatch(layer, True)
+    dispatch(types.SimpleNamespace(weight=torch.zeros(4, 4)), False)  # embeddings: not removed
+    kept = [hasattr(layer, "_vbon_dense_weight") for layer in layers]
+    assert kept == [False, True, True, True, False] and calls == [True] * 5 + [False]

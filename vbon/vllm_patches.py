@@ -231,8 +231,10 @@ def apply_lora_ops() -> bool:
     import vllm.lora.punica_wrapper.punica_cpu as punica_cpu
     from vllm.lora.model_manager import LoRAModelManager
 
-    if apply_activation_hook(LoRAModelManager):
-        apply_fused_lora_linear(punica_cpu.PunicaWrapperCPU)
+    if apply_activation_hook(LoRAModelManager) and apply_fused_lora_linear(
+        punica_cpu.PunicaWrapperCPU
+    ):
+        apply_merged_lora()  # reads the single slot the fused path's metadata hook finds
 
     if getattr(lora_ops, _PATCHED_ATTR, False):
         return True
@@ -373,3 +375,118 @@ def apply_fused_lora_linear(wrapper_cls: Any) -> bool:
     return _install(
         wrapper_cls, "fused CPU LoRA path", make, "update_metadata", "add_lora_linear"
     )
+
+
+# -- One adapter in the whole batch, small model: the adapter merged into the weights -------
+#
+# The fused path above still costs two small matmuls, two casts and vLLM's LoRA wrapper code
+# per projection and step. When the linear weights are small (the embedded 135M model: 0.2 GB
+# in bf16), each LoRA layer instead keeps, per adapter slot in use, the base weight plus that
+# adapter's product, W + B A, packed by vLLM's own CPU GEMM dispatch, so a single-adapter batch
+# runs exactly the base model's kernels. vLLM drops the dense weight after packing it, so with
+# LoRA enabled the dispatch keeps it when the dense copy plus one merged copy per slot
+# (max_loras) fit a memory budget (VBON_MERGED_LORA_MAX_GB, default 2; 0 turns this off);
+# layers beyond it use the fused path. A slot's merged weights are built on its first batch
+# after an adapter was written into any slot. As with peft's merge_and_unload, W + B A is
+# rounded once to the model's dtype.
+
+_DENSE_ATTR = "_vbon_dense_weight"
+_dense_bytes_kept = 0
+
+
+def _merge_budget_bytes() -> float:
+    try:
+        return float(os.environ.get("VBON_MERGED_LORA_MAX_GB", "2")) * 2**30
+    except ValueError:
+        return 2 * 2**30
+
+
+def _lora_slots() -> int:
+    """The engine's adapter slots (max_loras); 0 without LoRA."""
+    from vllm.config import get_current_vllm_config_or_none
+
+    config = get_current_vllm_config_or_none()
+    lora = getattr(config, "lora_config", None) if config is not None else None
+    return int(getattr(lora, "max_loras", 1) or 1) if lora is not None else 0
+
+
+def keep_dense_weights(utils_module: Any) -> bool:
+    """Wrap vLLM's dispatch_cpu_unquantized_gemm so that, with LoRA enabled and within the
+    budget, a linear layer keeps its dense weight after vLLM packs it."""
+    orig = utils_module.dispatch_cpu_unquantized_gemm
+    if getattr(orig, _PATCHED_ATTR, False):
+        return True
+
+    def dispatch(layer: Any, remove_weight: bool) -> Any:
+        global _dense_bytes_kept
+        weight = getattr(layer, "weight", None)
+        usable = remove_weight and weight is not None and weight.ndim == 2 and not weight.is_meta
+        slots = _lora_slots() if usable else 0
+        if slots:
+            size = weight.numel() * weight.element_size()
+            # The dense copy and, at most, one merged copy per slot.
+            if (_dense_bytes_kept + size) * (1 + slots) <= _merge_budget_bytes():
+                setattr(layer, _DENSE_ATTR, weight.detach())
+                _dense_bytes_kept += size
+        return orig(layer, remove_weight)
+
+    dispatch = functools.wraps(orig)(dispatch)
+    setattr(dispatch, _PATCHED_ATTR, True)
+    dispatch._vbon_original = orig  # type: ignore[attr-defined]
+    utils_module.dispatch_cpu_unquantized_gemm = dispatch
+    return True
+
+
+def merged_linear(
+    dense: Any, lora_a: tuple[Any, ...], lora_b: tuple[Any, ...], slot: int, dispatch: Any
+) -> Callable[[Any, Any], Any]:
+    """y = x @ (W + B A).T + bias for the adapter in `slot`, through vLLM's CPU GEMM dispatch
+    (the packed kernels the base layer uses)."""
+    import types
+
+    import torch
+
+    a_all, b_block = fused_weights(lora_a, lora_b, slot, 1.0, torch.float32)
+    delta = (a_all @ b_block).T  # out x in, float32
+    merged = dense.to(torch.float32, copy=True)  # never the kept dense weight itself
+    merged[: delta.shape[0]] += delta
+    shadow = types.SimpleNamespace(weight=merged.to(dense.dtype))
+    dispatch(shadow, True)
+    return lambda x, bias: shadow.cpu_linear(x, shadow.weight, bias)
+
+
+def apply_merged_lora_linear(layer_cls: Any, dispatch: Any) -> bool:
+    """Patch BaseLinearLayerWithLoRA._apply_sync: a batch whose tokens all use one adapter slot
+    goes through that layer's merged weights; anything else through vLLM's path."""
+
+    def make(orig_apply: Any) -> tuple[Any]:
+        def _apply_sync(self: Any, x: Any, bias: Any = None) -> Any:
+            slot = getattr(self.punica_wrapper, "_vbon_slot", None)
+            dense = getattr(self.base_layer, _DENSE_ATTR, None)
+            if slot is None or slot < 0 or dense is None or x.dim() != 2:
+                return orig_apply(self, x, bias)
+            cache = self.__dict__.setdefault("_vbon_merged", {})
+            if cache.get("generation") != _weights_generation:
+                cache.clear()  # an adapter was written into a slot
+                cache["generation"] = _weights_generation
+            linear = cache.get(slot)
+            if linear is None:
+                linear = cache[slot] = merged_linear(
+                    dense, self.lora_a_stacked, self.lora_b_stacked, slot, dispatch
+                )
+            return linear(x, bias)
+
+        return (_apply_sync,)
+
+    return _install(layer_cls, "merged CPU LoRA path", make, "_apply_sync")
+
+
+def apply_merged_lora() -> bool:
+    if _merge_budget_bytes() <= 0:
+        return False
+    import vllm.model_executor.layers.utils as layer_utils
+    from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
+
+    keep_dense_weights(layer_utils)
+    original = getattr(layer_utils.dispatch_cpu_unquantized_gemm, "_vbon_original", None)
+    return apply_merged_lora_linear(BaseLinearLayerWithLoRA, original)
