@@ -53,7 +53,8 @@ def test_plain_logprobs_match_trl_fused_head(lora_model, bf16: bool) -> None:
     )
     # The two methods read only these from the trainer.
     stub = SimpleNamespace(
-        accelerator=SimpleNamespace(autocast=autocast, is_main_process=True), temperature=0.7
+        accelerator=SimpleNamespace(autocast=autocast, is_main_process=True), temperature=0.7,
+        _skip_old_logps=False,
     )
     ids, mask, cmask, keep = _batch()
     results = {}
@@ -84,3 +85,122 @@ def test_plain_logprobs_match_trl_fused_head(lora_model, bf16: bool) -> None:
             torch.testing.assert_close(go[n], gt[n], atol=1e-3, rtol=0.05)
     # Bias check in bf16: the sum over a sequence (what the KL estimate adds up) agrees.
     assert abs(float((lo - lt)[on].mean())) < (0.02 if bf16 else 1e-5)
+
+
+def _brute_force_token_kl(model, ids, mask, keep: int, temperature: float) -> torch.Tensor:
+    """Full-sequence forwards with the adapter on and off, no logits_to_keep."""
+    with torch.no_grad():
+        on = model(input_ids=ids, attention_mask=mask).logits.float()
+        with model.disable_adapter():
+            off = model(input_ids=ids, attention_mask=mask).logits.float()
+    on, off = (torch.log_softmax(t / temperature, -1) for t in (on, off))
+    on, off = on[:, -keep - 1 : -1], off[:, -keep - 1 : -1]
+    return (on.exp() * (on - off)).sum(-1)
+
+
+def test_token_kl_is_the_exact_per_position_kl_with_gradients(lora_model) -> None:
+    from trainer.logprobs import completion_logps_and_entropies, completion_logps_and_token_kl
+
+    ids, mask, cmask, keep = _batch()
+    lora_model.zero_grad()
+    logps, kl, ent = completion_logps_and_token_kl(
+        lora_model, ids, mask, keep, base_context=lora_model.disable_adapter, temperature=0.7,
+        batch_size=3,
+    )  # fmt: skip
+    on = cmask.bool()
+    expected = _brute_force_token_kl(lora_model, ids, mask, keep, 0.7)
+    torch.testing.assert_close(kl.detach()[on], expected[on], atol=1e-4, rtol=1e-3)
+    assert float(kl[on].min()) >= -1e-5 and float(kl[on].mean()) > 1e-3  # a random LoRA moved it
+    with torch.no_grad():
+        plain, plain_ent = completion_logps_and_entropies(
+            lora_model, ids, mask, keep, temperature=0.7, compute_entropy=True, batch_size=4
+        )
+    torch.testing.assert_close(logps.detach(), plain, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ent, plain_ent, atol=1e-4, rtol=1e-4)
+    (kl * cmask).sum().backward()
+    grads = [p.grad for n, p in lora_model.named_parameters() if "lora_" in n]
+    assert grads and all(g is not None and float(g.abs().sum()) > 0 for g in grads)
+    lora_model.zero_grad()
+
+
+def _token_kl_stub(model, beta: float):
+    from collections import defaultdict
+
+    return SimpleNamespace(
+        accelerator=SimpleNamespace(
+            autocast=contextlib.nullcontext,
+            unwrap_model=lambda m: m,
+            reduce=lambda t, reduction: t,
+        ),
+        temperature=0.7,
+        token_kl_beta=beta,
+        model=model,
+        _metrics=defaultdict(lambda: defaultdict(list)),
+    )
+
+
+@pytest.mark.parametrize("case", ["kl-only", "advantage-only"])
+def test_token_kl_loss_moves_the_policy_the_right_way(lora_model, case: str) -> None:
+    """One SGD step on the token-KL loss: with zero advantages it lowers the KL to the base;
+    with only the first rollout's advantage positive (and beta 0) it raises that rollout's
+    log-probability. A sign or masking error fails one of the two."""
+    from trainer.rloo import rloo_trainer_class
+
+    ids, mask, cmask, keep = _batch()
+    inputs = {
+        "prompt_ids": ids[:, :-keep], "prompt_mask": mask[:, :-keep],
+        "completion_ids": ids[:, -keep:], "completion_mask": cmask,
+        "advantages": torch.tensor([1.0, 0.0, 0.0, 0.0]) if case == "advantage-only"
+        else torch.zeros(4),
+    }  # fmt: skip
+    stub = _token_kl_stub(lora_model, beta=0.0 if case == "advantage-only" else 0.5)
+    compute_loss = rloo_trainer_class()._compute_loss
+    on = cmask.bool()
+
+    def measure() -> float:
+        if case == "kl-only":
+            return float(_brute_force_token_kl(lora_model, ids, mask, keep, 0.7)[on].sum())
+        with torch.no_grad():
+            logits = lora_model(input_ids=ids, attention_mask=mask).logits.float() / 0.7
+        logp = torch.log_softmax(logits[:, -keep - 1 : -1], -1)
+        return float((logp.gather(-1, ids[:, -keep:, None])[..., 0] * cmask)[0].sum())
+
+    params = {n: p for n, p in lora_model.named_parameters() if p.requires_grad}
+    saved = {n: p.detach().clone() for n, p in params.items()}
+    try:
+        before = measure()
+        lora_model.zero_grad()
+        loss = compute_loss(stub, lora_model, inputs)
+        loss.backward()
+        with torch.no_grad():  # a small step, so first order decides the direction
+            norm = torch.cat([p.grad.flatten() for p in params.values()]).norm()
+            for p in params.values():
+                p -= 0.02 / norm * p.grad
+        after = measure()
+    finally:
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(saved[n])
+        lora_model.zero_grad()
+    if case == "kl-only":
+        assert after < before * 0.98, (before, after)
+        assert stub._metrics["train"]["kl"] and stub._metrics["train"]["entropy"]
+    else:
+        assert after > before + 1e-3, (before, after)
+
+
+def test_old_logps_forward_is_skipped_only_when_asked(lora_model) -> None:
+    from trainer.rloo import rloo_trainer_class
+
+    method = rloo_trainer_class()._get_per_token_logps_and_entropies
+    stub = SimpleNamespace(
+        accelerator=SimpleNamespace(autocast=contextlib.nullcontext), temperature=0.7,
+        _skip_old_logps=True,
+    )  # fmt: skip
+    ids, mask, _, keep = _batch()
+    with torch.no_grad():
+        zeros, ent, _ = method(stub, lora_model, ids, mask, keep, 4, False)
+        stub._skip_old_logps = False
+        real, _, _ = method(stub, lora_model, ids, mask, keep, 4, False)
+    assert zeros.shape == real.shape == (4, keep) and ent is None
+    assert float(zeros.abs().sum()) == 0 and float(real.abs().sum()) > 0

@@ -23,6 +23,7 @@ METHODS = ("vbon", "kl-rl", "bon-sft")
 OBJECTIVES = ("bound", "exact")
 DTYPES = ("auto", "float32", "bfloat16")
 ROLLOUTS = ("vllm", "transformers")
+KL_PENALTIES = ("sequence", "token")
 
 
 @dataclass
@@ -116,6 +117,17 @@ class TrainConfig:
     )
     warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up steps."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
+    kl_penalty: str = field(
+        default="sequence",
+        metadata={
+            "help": "How the KL to the base enters RL (vbon, kl-rl). sequence: TRL's RLOO, "
+            "beta * sum_t log(pi(y_t)/pi_base(y_t)) subtracted from each rollout's reward; "
+            "token: beta * the exact per-position KL over the vocabulary, summed over the "
+            "completion, added to the loss (same expected penalty, lower-variance gradient; "
+            "skips one forward pass per step).",
+            "choices": KL_PENALTIES,
+        },
+    )
     normalize_advantages: bool = field(
         default=False,
         metadata={"help": "Divide RLOO advantages by their batch standard deviation."},
@@ -230,6 +242,10 @@ class TrainConfig:
             errors.append(f"--objective must be 'bound' or 'exact', got {self.objective!r}")
         if self.dtype not in DTYPES:
             errors.append(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.kl_penalty not in KL_PENALTIES:
+            errors.append(
+                f"--kl-penalty must be one of {', '.join(KL_PENALTIES)}, got {self.kl_penalty!r}"
+            )
         if self.rollouts not in ROLLOUTS:
             errors.append(
                 f"--rollouts must be one of {', '.join(ROLLOUTS)}, got {self.rollouts!r}"

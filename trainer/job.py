@@ -348,6 +348,7 @@ def build_rloo_trainer(job: Job, rows: list[ReferenceRow] | None, *, progress: b
 
     cfg, s = job.cfg, job.sampling
     model, tok = load_policy(job)
+    token_kl = cfg.kl_penalty == "token" and cfg.kl_weight > 0
     args = RLOOConfig(
         output_dir=str(cfg.run_dir / CHECKPOINTS),
         per_device_train_batch_size=cfg.prompts_per_step * cfg.completions_per_prompt,
@@ -363,7 +364,8 @@ def build_rloo_trainer(job: Job, rows: list[ReferenceRow] | None, *, progress: b
         top_k=s.top_k,
         min_p=None,
         repetition_penalty=1.0,
-        beta=cfg.kl_weight,
+        # --kl-penalty token: the KL goes into our loss (trainer/rloo.py), not TRL's reward.
+        beta=0.0 if token_kl else cfg.kl_weight,
         normalize_advantages=cfg.normalize_advantages,
         mask_truncated_completions=False,
         remove_unused_columns=False,
@@ -408,6 +410,7 @@ def build_rloo_trainer(job: Job, rows: list[ReferenceRow] | None, *, progress: b
             return completion_logprobs(m, pids, completion_ids, pad_id=pad, disable_adapter=True)
 
         reward_fn.ref_logprob = ref_logprob
+    trainer.token_kl_beta = cfg.kl_weight if token_kl else None
     trainer.rollouts = rollouts  # None: TRL's generate; else started and closed by train_stage
     return trainer, callback
 

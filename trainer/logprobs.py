@@ -6,7 +6,7 @@ the RL loss (trainer/rloo.py)."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -75,3 +75,38 @@ def completion_logps_and_entropies(
             with torch.no_grad():  # logged only, as in TRL
                 entropies.append(-(logp_all.exp() * logp_all).sum(-1))
     return torch.cat(logps), (torch.cat(entropies) if compute_entropy else None)
+
+
+def completion_logps_and_token_kl(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    logits_to_keep: int,
+    *,
+    base_context: Callable[[], contextlib.AbstractContextManager],
+    temperature: float,
+    batch_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token log-probabilities of the last `logits_to_keep` tokens (with gradients), the
+    exact per-position KL(pi(.|prefix) || pi_base(.|prefix)) summed over the vocabulary (with
+    gradients through pi), and entropies (no gradients), all float32. The base is `model`
+    inside `base_context()` (the LoRA adapter disabled), run without gradients. Summed over a
+    completion's positions, the KL is an unbiased estimate of the sequence KL, like
+    sum_t log pi(y_t) - log pi_base(y_t), but it does not depend on which token was sampled."""
+    logps, kls, entropies = [], [], []
+    for start in range(0, input_ids.size(0), batch_size):
+        ids = input_ids[start : start + batch_size]
+        mask = attention_mask[start : start + batch_size]
+        with torch.no_grad(), base_context():
+            base = model(input_ids=ids, attention_mask=mask, logits_to_keep=logits_to_keep + 1)
+            base_logp = torch.log_softmax(base.logits[:, :-1].float() / temperature, dim=-1)
+            del base
+        logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=logits_to_keep + 1).logits
+        logp_all = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
+        target = ids[:, -logits_to_keep:]
+        logps.append(logp_all.gather(-1, target.unsqueeze(-1)).squeeze(-1))
+        probs = logp_all.exp()
+        kls.append((probs * (logp_all - base_logp)).sum(-1))
+        with torch.no_grad():
+            entropies.append(-(probs * logp_all).sum(-1))
+    return torch.cat(logps), torch.cat(kls), torch.cat(entropies)

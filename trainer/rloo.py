@@ -11,13 +11,24 @@
    (`logits_to_keep`, the models' own argument), once, and log-softmax runs on those logits in
    fp32 (trainer.logprobs.completion_logps_and_entropies). Same values and gradients as TRL's
    path up to rounding (tests/test_trainer_rloo.py); a step went from 28.9 s to ~20 s.
+3. With `--kl-penalty token` (`token_kl_beta` set), the KL to the base enters the loss as the
+   exact per-position KL over the whole vocabulary, beta * sum_t KL(pi(.|y<t) || pi_base(.|y<t)),
+   instead of TRL's beta * sum_t log(pi(y_t)/pi_base(y_t)) subtracted from each sequence's reward.
+   Both estimate the same sequence KL without bias; the token form does not depend on which
+   token was sampled, so its gradient pulls every visited next-token distribution back to the
+   base at every step, where the reward form pulls back only along the sampled tokens, through
+   the same noisy advantages as the reward. One step per generation keeps it on-policy, so the
+   "old" log-probabilities TRL computes in a separate forward equal the loss forward's detached
+   ones: that forward is skipped.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from trainer.logprobs import completion_logps_and_entropies
+import torch
+
+from trainer.logprobs import completion_logps_and_entropies, completion_logps_and_token_kl
 
 
 def rloo_trainer_class() -> type:
@@ -26,6 +37,22 @@ def rloo_trainer_class() -> type:
 
     class VBoNRLOOTrainer(RLOOTrainer):
         rollouts: Any = None  # a trainer.rollouts.VLLMRollouts, set and started by the job
+        token_kl_beta: float | None = None  # --kl-penalty token: KL weight (TRL's beta is 0)
+        _skip_old_logps = False
+
+        def _generate_and_score_completions(self, inputs):
+            if self.token_kl_beta is not None and (
+                self.args.num_iterations != 1 or self.args.steps_per_generation != 1
+            ):
+                raise ValueError(
+                    "the token KL penalty is on-policy only: set num_iterations=1 and "
+                    "steps_per_generation=1"
+                )
+            self._skip_old_logps = self.token_kl_beta is not None
+            try:
+                return super()._generate_and_score_completions(inputs)
+            finally:
+                self._skip_old_logps = False
 
         def _generate_single_turn(self, prompt_ids, images, multimodal_fields):
             if self.rollouts is None:
@@ -46,6 +73,10 @@ def rloo_trainer_class() -> type:
             compute_aux_loss=False,
             **multimodal,
         ):
+            if self._skip_old_logps and not torch.is_grad_enabled():
+                # The "old" log-probabilities (see 3. above); the loss does not read them.
+                zeros = torch.zeros(input_ids.size(0), logits_to_keep, device=input_ids.device)
+                return zeros, None, None
             # TRL's fused head is the better choice on GPUs (memory) and the only one for
             # vision inputs and MoE auxiliary losses; text on the CPU takes the plain path.
             if (
@@ -68,5 +99,40 @@ def rloo_trainer_class() -> type:
                     batch_size=batch_size or input_ids.size(0),
                 )
             return logps, entropies, None
+
+        def _compute_loss(self, model, inputs):
+            if self.token_kl_beta is None:
+                return super()._compute_loss(model, inputs)
+            completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+            input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
+            attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
+            unwrapped = self.accelerator.unwrap_model(model)
+            with self.accelerator.autocast():
+                token_logps, token_kl, entropies = completion_logps_and_token_kl(
+                    model,
+                    input_ids,
+                    attention_mask,
+                    completion_ids.size(1),
+                    base_context=unwrapped.disable_adapter,
+                    temperature=self.temperature,
+                    batch_size=input_ids.size(0),
+                )
+            mask = completion_mask.to(token_logps.dtype)
+            logps = (token_logps * mask).sum(1)
+            sequence_kl = (token_kl * mask).sum(1)
+            # On-policy TRL's clipped ratio exp(logps - old_logps) is 1 with gradient grad(logps).
+            loss = -(inputs["advantages"] * logps).mean() + self.token_kl_beta * sequence_kl.mean()
+
+            mode = "train" if self.model.training else "eval"
+            stats = self.accelerator.reduce(
+                torch.stack([
+                    (token_kl.detach() * mask).sum(), (entropies * mask).sum(), mask.sum()
+                ]),
+                reduction="sum",
+            )
+            tokens = stats[2].clamp(min=1.0)
+            self._metrics[mode]["kl"].append((stats[0] / tokens).item())
+            self._metrics[mode]["entropy"].append((stats[1] / tokens).item())
+            return loss
 
     return VBoNRLOOTrainer
