@@ -103,7 +103,7 @@ def test_token_kl_is_the_exact_per_position_kl_with_gradients(lora_model) -> Non
 
     ids, mask, cmask, keep = _batch()
     lora_model.zero_grad()
-    logps, kl, ent = completion_logps_and_token_kl(
+    logps, kl, base_logps, ent = completion_logps_and_token_kl(
         lora_model, ids, mask, keep, base_context=lora_model.disable_adapter, temperature=0.7,
         batch_size=3,
     )  # fmt: skip
@@ -116,6 +116,11 @@ def test_token_kl_is_the_exact_per_position_kl_with_gradients(lora_model) -> Non
             lora_model, ids, mask, keep, temperature=0.7, compute_entropy=True, batch_size=4
         )
     torch.testing.assert_close(logps.detach(), plain, atol=1e-4, rtol=1e-4)
+    with torch.no_grad(), lora_model.disable_adapter():
+        base_plain, _ = completion_logps_and_entropies(
+            lora_model, ids, mask, keep, temperature=0.7, compute_entropy=False, batch_size=4
+        )
+    torch.testing.assert_close(base_logps, base_plain, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(ent, plain_ent, atol=1e-4, rtol=1e-4)
     (kl * cmask).sum().backward()
     grads = [p.grad for n, p in lora_model.named_parameters() if "lora_" in n]

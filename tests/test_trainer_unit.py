@@ -53,6 +53,15 @@ def test_bad_settings_say_how_to_fix(argv: list[str], needle: str) -> None:
     assert needle in str(err.value)
 
 
+def test_kl_penalty_defaults_to_sequence_and_is_checked(tmp_path: Path) -> None:
+    assert parse_config([]).kl_penalty == "sequence"
+    assert parse_config(["--kl-penalty", "token"]).kl_penalty == "token"
+    bad = tmp_path / "c.json"
+    bad.write_text(json.dumps({"kl_penalty": "reward"}))  # files skip argparse's choices
+    with pytest.raises(ConfigError, match="--kl-penalty must be one of sequence, token"):
+        parse_config(["--config", str(bad)])
+
+
 def test_config_file_then_flags(tmp_path: Path) -> None:
     yml = tmp_path / "recipe.yaml"
     yml.write_text("n: 4\nm: 32\nlearning-rate: 0.001\nsteps: 7\n")

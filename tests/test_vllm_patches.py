@@ -227,5 +227,9 @@ def test_dense_weights_are_kept_only_with_lora_and_within_budget(monkeypatch) ->
     for layer in layers[1:]:
         dispatch(layer, True)
     dispatch(types.SimpleNamespace(weight=torch.zeros(4, 4)), False)  # embeddings: not removed
-    kept = [hasattr(layer, "_vbon_dense_weight") for layer in layers]
-    assert kept == [False, True, True, True, False] and calls == [True] * 5 + [False]
+    bf16 = types.SimpleNamespace(weight=torch.zeros(4, 4, dtype=torch.bfloat16))
+    monkeypatch.setattr(patches, "_dense_bytes_kept", 0)
+    dispatch(bf16, True)  # W + B A rounded to bf16 would drop small deltas
+    kept = [hasattr(layer, "_vbon_dense_weight") for layer in [*layers, bf16]]
+    assert kept == [False, True, True, True, False, False]
+    assert calls == [True] * 5 + [False, True]

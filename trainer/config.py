@@ -123,8 +123,9 @@ class TrainConfig:
             "help": "How the KL to the base enters RL (vbon, kl-rl). sequence: TRL's RLOO, "
             "beta * sum_t log(pi(y_t)/pi_base(y_t)) subtracted from each rollout's reward; "
             "token: beta * the exact per-position KL over the vocabulary, summed over the "
-            "completion, added to the loss (same expected penalty, lower-variance gradient; "
-            "skips one forward pass per step).",
+            "completion, added to the loss (the same expected penalty with a gradient that "
+            "does not depend on the sampled token; skips one forward pass per step; "
+            "experimental, see docs/trainer.md).",
             "choices": KL_PENALTIES,
         },
     )

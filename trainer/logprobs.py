@@ -86,14 +86,17 @@ def completion_logps_and_token_kl(
     base_context: Callable[[], contextlib.AbstractContextManager],
     temperature: float,
     batch_size: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token log-probabilities of the last `logits_to_keep` tokens (with gradients), the
     exact per-position KL(pi(.|prefix) || pi_base(.|prefix)) summed over the vocabulary (with
-    gradients through pi), and entropies (no gradients), all float32. The base is `model`
-    inside `base_context()` (the LoRA adapter disabled), run without gradients. Summed over a
-    completion's positions, the KL is an unbiased estimate of the sequence KL, like
-    sum_t log pi(y_t) - log pi_base(y_t), but it does not depend on which token was sampled."""
-    logps, kls, entropies = [], [], []
+    gradients through pi), the base model's log-probabilities of the same tokens and entropies
+    (the last two without gradients), all float32. The base is `model` inside `base_context()`
+    (the LoRA adapter disabled). Summed over a completion, the KL estimates the sequence KL
+    like sum_t log pi(y_t) - log pi_base(y_t) but does not depend on which token was sampled.
+    Under bf16 autocast its value comes out low (1.34 vs 1.78 nats in fp32 on a trained
+    adapter: policy and base logits are rounded to the same bf16 grid, which hides small
+    differences), while the sampled-token form stays unbiased (1.843 vs 1.844)."""
+    logps, kls, base_logps, entropies = [], [], [], []
     for start in range(0, input_ids.size(0), batch_size):
         ids = input_ids[start : start + batch_size]
         mask = attention_mask[start : start + batch_size]
@@ -103,10 +106,11 @@ def completion_logps_and_token_kl(
             del base
         logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=logits_to_keep + 1).logits
         logp_all = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
-        target = ids[:, -logits_to_keep:]
-        logps.append(logp_all.gather(-1, target.unsqueeze(-1)).squeeze(-1))
+        target = ids[:, -logits_to_keep:].unsqueeze(-1)
+        logps.append(logp_all.gather(-1, target).squeeze(-1))
+        base_logps.append(base_logp.gather(-1, target).squeeze(-1))
         probs = logp_all.exp()
         kls.append((probs * (logp_all - base_logp)).sum(-1))
         with torch.no_grad():
             entropies.append(-(probs * logp_all).sum(-1))
-    return torch.cat(logps), torch.cat(kls), torch.cat(entropies)
+    return torch.cat(logps), torch.cat(kls), torch.cat(base_logps), torch.cat(entropies)

@@ -108,7 +108,7 @@ def rloo_trainer_class() -> type:
             attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
             unwrapped = self.accelerator.unwrap_model(model)
             with self.accelerator.autocast():
-                token_logps, token_kl, entropies = completion_logps_and_token_kl(
+                token_logps, token_kl, base_logps, entropies = completion_logps_and_token_kl(
                     model,
                     input_ids,
                     attention_mask,
@@ -123,11 +123,12 @@ def rloo_trainer_class() -> type:
             # On-policy TRL's clipped ratio exp(logps - old_logps) is 1 with gradient grad(logps).
             loss = -(inputs["advantages"] * logps).mean() + self.token_kl_beta * sequence_kl.mean()
 
+            # Logged (and read by the KL early stop) as TRL logs it: the sampled-token estimate,
+            # which bf16 autocast leaves unbiased (see completion_logps_and_token_kl).
+            sampled_kl = (token_logps.detach() - base_logps) * mask
             mode = "train" if self.model.training else "eval"
             stats = self.accelerator.reduce(
-                torch.stack([
-                    (token_kl.detach() * mask).sum(), (entropies * mask).sum(), mask.sum()
-                ]),
+                torch.stack([sampled_kl.sum(), (entropies * mask).sum(), mask.sum()]),
                 reduction="sum",
             )
             tokens = stats[2].clamp(min=1.0)
