@@ -4,12 +4,13 @@ A vBoN sample goes through a LoRA adapter; this measures what that costs against
 sample on the same engine, alternating base and adapter batches so that the machine's drift
 hits both alike, and taking the best of the repeats. It does so for each CPU LoRA path in its
 own engine process: vLLM's stock ops, our fused path (two matmuls per layer) and the merged
-path (W + B A packed like the base weight). The adapter is --adapter, or a random rank-16 one
-on every attention and MLP projection (the trainer's default shape: the cost does not depend on
-the values).
+path (W + B A packed like the base weight; float32 weights only, so with --dtype bfloat16 its
+row measures the fused path again). The adapter is --adapter, or a random rank-16 one on every
+attention and MLP projection (the trainer's default shape: the cost does not depend on the
+values).
 
 Writes results.json, table.md and lora_cost.png to --out. Usage:
-  .venv/bin/python scripts/bench_lora.py --out runs/bench-lora [--prompts 64 --n 4 --repeats 3]
+  .venv/bin/python scripts/bench_lora.py --out runs/bench-lora [--dtype float32] [--prompts 64]
 """
 
 from __future__ import annotations
@@ -102,6 +103,9 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=48, help="tokens per sample (ignore_eos)")
     ap.add_argument("--repeats", type=int, default=3, help="alternated base/adapter repeats")
     ap.add_argument("--paths", default=",".join(PATHS), help="comma-separated subset of paths")
+    ap.add_argument(
+        "--dtype", default="", help="engine dtype (VBON_DTYPE): auto, float32, bfloat16"
+    )
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -116,8 +120,9 @@ def main() -> None:
         if unknown:
             ap.error(f"--paths: unknown {unknown}; choose from {list(PATHS)}")
         results = {}
+        dtype = {"VBON_DTYPE": args.dtype} if args.dtype else {}
         for name in tqdm(names, desc="LoRA paths", unit="engine"):
-            times = run_path(PATHS[name], cfg)
+            times = run_path({**PATHS[name], **dtype}, cfg)
             base, lora = min(times["base"]), min(times["lora"])
             results[name] = {"base_s": base, "lora_s": lora, "cost": lora / base - 1, **times}
     tokens = args.prompts * args.n * args.max_tokens
@@ -132,6 +137,7 @@ def main() -> None:
         )
     table = "\n".join(rows)
     print(table)
+    cfg["dtype"] = args.dtype or "auto"
     write_json_atomic(out / "results.json", {"config": cfg, "tokens": tokens, "paths": results})
     write_text_atomic(out / "table.md", table + "\n")
     plot(results, out / "lora_cost.png")

@@ -14,12 +14,13 @@
 3. With `--kl-penalty token` (`token_kl_beta` set), the KL to the base enters the loss as the
    exact per-position KL over the whole vocabulary, beta * sum_t KL(pi(.|y<t) || pi_base(.|y<t)),
    instead of TRL's beta * sum_t log(pi(y_t)/pi_base(y_t)) subtracted from each sequence's reward.
-   Both estimate the same sequence KL without bias; the token form does not depend on which
-   token was sampled, so its gradient pulls every visited next-token distribution back to the
-   base at every step, where the reward form pulls back only along the sampled tokens, through
-   the same noisy advantages as the reward. One step per generation keeps it on-policy, so the
-   "old" log-probabilities TRL computes in a separate forward equal the loss forward's detached
-   ones: that forward is skipped.
+   Both estimate the same sequence KL (the token form without bias in fp32 only; bf16
+   autocast makes it come out low). The token form does not depend on which token was
+   sampled, so its gradient pulls every visited next-token distribution back to the base at
+   every step, where the reward form pulls back only along the sampled tokens, through the
+   same noisy advantages as the reward. One step per generation keeps it on-policy, so the
+   "old" log-probabilities TRL computes in a separate forward equal the loss forward's
+   detached ones: that forward is skipped. Experimental, off by default (docs/trainer.md).
 """
 
 from __future__ import annotations

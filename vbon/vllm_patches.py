@@ -380,15 +380,16 @@ def apply_fused_lora_linear(wrapper_cls: Any) -> bool:
 # -- One adapter in the whole batch, float32 weights: the adapter merged into the weights ---
 #
 # The fused path above still costs two small matmuls, two casts and vLLM's LoRA wrapper code
-# per projection and step. With float32 weights (CPUs without native bf16) and small models,
-# each LoRA layer instead keeps, per adapter slot in use, the base weight plus that adapter's
-# product, W + B A, packed by vLLM's own CPU GEMM dispatch, so a single-adapter batch runs
-# exactly the base model's kernels. vLLM drops the dense weight after packing it, so with LoRA
-# enabled the dispatch keeps it when the dense copy plus one merged copy per slot (max_loras)
-# fit a memory budget (VBON_MERGED_LORA_MAX_GB, default 2; 0 turns this off). Never in bf16:
+# per projection and step. With float32 weights (`VBON_DTYPE=float32`, the default on CPUs
+# without native bf16) and small models, each LoRA layer instead keeps, per adapter slot in
+# use, the base weight plus that adapter's product, W + B A, packed by vLLM's own CPU GEMM
+# dispatch, so a single-adapter batch runs exactly the base model's kernels. vLLM drops the
+# dense weight after packing it, so with LoRA enabled the dispatch keeps it when the dense copy
+# plus one merged copy per slot (max_loras) fit a memory budget (VBON_MERGED_LORA_MAX_GB,
+# default 2; 0 turns this off). Never in bf16:
 # W is already on bf16's grid, so W + B A rounded back to bf16 drops every delta below half a
-# unit of W's last place. Measured on a trained adapter: the merged bf16 engine gave 70 % of
-# the adapter's log-probability change under peft in fp32, the fused path 84 %.
+# unit of W's last place. Measured on a trained adapter: the merged bf16 engine gave 68 % of
+# the adapter's log-probability change under peft in fp32, the fused path 83 %.
 
 _DENSE_ATTR = "_vbon_dense_weight"
 _dense_bytes_kept = 0
@@ -417,6 +418,8 @@ def keep_dense_weights(utils_module: Any) -> bool:
     if getattr(orig, _PATCHED_ATTR, False):
         return True
 
+    import torch
+
     def dispatch(layer: Any, remove_weight: bool) -> Any:
         global _dense_bytes_kept
         weight = getattr(layer, "weight", None)
@@ -425,7 +428,7 @@ def keep_dense_weights(utils_module: Any) -> bool:
             and weight is not None
             and weight.ndim == 2
             and not weight.is_meta
-            and str(weight.dtype) == "torch.float32"
+            and weight.dtype == torch.float32
         )
         slots = _lora_slots() if usable else 0
         if slots:
