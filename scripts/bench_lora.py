@@ -67,17 +67,19 @@ if __name__ == "__main__":
 
 def random_adapter(folder: Path, rank: int) -> str:
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from trainer.config import TrainConfig
+    from trainer.job import lora_config
     from vbon.settings import CoreSettings, load_settings
 
     torch.manual_seed(0)
     base = load_settings(CoreSettings).resolved_model()
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets,
-                        init_lora_weights=False)  # fmt: skip
+    # The trainer's adapter shape (targets, alpha = 2 x rank), with random rather than zero B.
+    config = lora_config(TrainConfig(lora_rank=rank, lora_alpha=2 * rank))
+    config.init_lora_weights = False
     get_peft_model(model, config).save_pretrained(folder)
     return str(folder)
 

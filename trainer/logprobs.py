@@ -47,6 +47,20 @@ def completion_logprobs(
     return out
 
 
+def _completion_log_softmax(
+    model: torch.nn.Module,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    logits_to_keep: int,
+    temperature: float,
+) -> torch.Tensor:
+    """float32 log-softmax of logits / temperature over the vocabulary at the positions that
+    predict the last `logits_to_keep` tokens; only those positions reach the LM head."""
+    # One more position than scored: the logit at t predicts token t+1.
+    logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=logits_to_keep + 1).logits
+    return torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
+
+
 def completion_logps_and_entropies(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -65,10 +79,7 @@ def completion_logps_and_entropies(
     for start in range(0, input_ids.size(0), batch_size):
         ids = input_ids[start : start + batch_size]
         mask = attention_mask[start : start + batch_size]
-        # One more position than scored: the logit at t predicts token t+1.
-        logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=logits_to_keep + 1).logits
-        logits = logits[:, :-1].float() / temperature
-        logp_all = torch.log_softmax(logits, dim=-1)
+        logp_all = _completion_log_softmax(model, ids, mask, logits_to_keep, temperature)
         target = ids[:, -logits_to_keep:]
         logps.append(logp_all.gather(-1, target.unsqueeze(-1)).squeeze(-1))
         if compute_entropy:
@@ -101,11 +112,8 @@ def completion_logps_and_token_kl(
         ids = input_ids[start : start + batch_size]
         mask = attention_mask[start : start + batch_size]
         with torch.no_grad(), base_context():
-            base = model(input_ids=ids, attention_mask=mask, logits_to_keep=logits_to_keep + 1)
-            base_logp = torch.log_softmax(base.logits[:, :-1].float() / temperature, dim=-1)
-            del base
-        logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=logits_to_keep + 1).logits
-        logp_all = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
+            base_logp = _completion_log_softmax(model, ids, mask, logits_to_keep, temperature)
+        logp_all = _completion_log_softmax(model, ids, mask, logits_to_keep, temperature)
         target = ids[:, -logits_to_keep:].unsqueeze(-1)
         logps.append(logp_all.gather(-1, target).squeeze(-1))
         base_logps.append(base_logp.gather(-1, target).squeeze(-1))
