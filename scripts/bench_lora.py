@@ -3,11 +3,11 @@
 A vBoN sample goes through a LoRA adapter; this measures what that costs against a base-model
 sample on the same engine, alternating base and adapter batches so that the machine's drift
 hits both alike, and taking the best of the repeats. It does so for each CPU LoRA path in its
-own engine process: vLLM's stock ops, our fused path (two matmuls per layer) and the merged
-path (W + B A packed like the base weight; float32 weights only, so with --dtype bfloat16 its
-row measures the fused path again). The adapter is --adapter, or a random rank-16 one on every
-attention and MLP projection (the trainer's default shape: the cost does not depend on the
-values).
+own engine process: vLLM's stock ops, our fused path (two matmuls per layer, the adapter's
+output added to the rounded base output) and the single-GEMM path (the adapter inside the base
+layer's GEMM: W + B A for float32 weights, [W | B] on [x | x A^T] for bf16). The adapter is
+--adapter, or a random rank-16 one on every attention and MLP projection (the trainer's default
+shape: the cost does not depend on the values).
 
 Writes results.json, table.md and lora_cost.png to --out. Usage:
   .venv/bin/python scripts/bench_lora.py --out runs/bench-lora [--dtype float32] [--prompts 64]
@@ -34,7 +34,7 @@ from vbon.adapters import write_json_atomic, write_text_atomic  # noqa: E402
 PATHS = {
     "vLLM stock ops": {"VBON_FAST_CPU_LORA": "0"},
     "fused (2 matmuls/layer)": {"VBON_MERGED_LORA_MAX_GB": "0"},
-    "merged (W + BA)": {},
+    "single GEMM (W + BA / [W | B])": {},
 }
 
 PROBE = r"""

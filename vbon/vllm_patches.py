@@ -234,7 +234,7 @@ def apply_lora_ops() -> bool:
     if apply_activation_hook(LoRAModelManager) and apply_fused_lora_linear(
         punica_cpu.PunicaWrapperCPU
     ):
-        apply_merged_lora()  # reads the single slot the fused path's metadata hook finds
+        apply_single_adapter_lora()  # reads the single slot the fused path's metadata hook finds
 
     if getattr(lora_ops, _PATCHED_ATTR, False):
         return True
@@ -377,19 +377,22 @@ def apply_fused_lora_linear(wrapper_cls: Any) -> bool:
     )
 
 
-# -- One adapter in the whole batch, float32 weights: the adapter merged into the weights ---
+# -- One adapter in the whole batch: the adapter inside the base layer's own GEMM ----------
 #
-# The fused path above still costs two small matmuls, two casts and vLLM's LoRA wrapper code
-# per projection and step. With float32 weights (`VBON_DTYPE=float32`, the default on CPUs
-# without native bf16) and small models, each LoRA layer instead keeps, per adapter slot in
-# use, the base weight plus that adapter's product, W + B A, packed by vLLM's own CPU GEMM
-# dispatch, so a single-adapter batch runs exactly the base model's kernels. vLLM drops the
-# dense weight after packing it, so with LoRA enabled the dispatch keeps it when the dense copy
-# plus one merged copy per slot (max_loras) fit a memory budget (VBON_MERGED_LORA_MAX_GB,
-# default 2; 0 turns this off). Never in bf16:
-# W is already on bf16's grid, so W + B A rounded back to bf16 drops every delta below half a
-# unit of W's last place. Measured on a trained adapter: the merged bf16 engine gave 68 % of
-# the adapter's log-probability change under peft in fp32, the fused path 83 %.
+# The fused path above adds the adapter's output to a base output that is already rounded to
+# the model's dtype. In bf16 that drops, every time, each part of the delta below half a unit
+# of the output's last place: measured on a trained adapter, the bf16 engine gave only 83 % of
+# the adapter's log-probability change under peft in fp32 (the same 16 completions match to
+# 1e-4 nats in float32). Folding the adapter into the weights (W + B A in bf16) is worse (68 %):
+# W is on bf16's grid too. So when every token of a batch uses one adapter slot, each LoRA
+# layer runs one GEMM that holds the adapter itself, through vLLM's own CPU GEMM dispatch (the
+# kernels the base layer uses), rounding once as the base layer does:
+#   float32 weights: W + B A (merged; exact, and no cost beyond the base GEMM);
+#   bf16 weights:    [W | B] applied to [x | x A^T] (stacked along the inner dimension; the
+#                    r extra columns per projection cost a few % of the GEMM).
+# vLLM drops the dense weight after packing it, so with LoRA enabled the dispatch keeps it when
+# the dense copy plus one adapter copy per slot (max_loras) fit a memory budget
+# (VBON_MERGED_LORA_MAX_GB, default 2; 0 turns this off and leaves the fused path).
 
 _DENSE_ATTR = "_vbon_dense_weight"
 _dense_bytes_kept = 0
@@ -428,12 +431,12 @@ def keep_dense_weights(utils_module: Any) -> bool:
             and weight is not None
             and weight.ndim == 2
             and not weight.is_meta
-            and weight.dtype == torch.float32
+            and weight.dtype in (torch.float32, torch.bfloat16)
         )
         slots = _lora_slots() if usable else 0
         if slots:
             size = weight.numel() * weight.element_size()
-            # The dense copy and, at most, one merged copy per slot.
+            # The dense copy and, at most, one adapter copy per slot.
             if (_dense_bytes_kept + size) * (1 + slots) <= _merge_budget_bytes():
                 setattr(layer, _DENSE_ATTR, weight.detach())
                 _dense_bytes_kept += size
@@ -446,27 +449,56 @@ def keep_dense_weights(utils_module: Any) -> bool:
     return True
 
 
-def merged_linear(
-    dense: Any, lora_a: tuple[Any, ...], lora_b: tuple[Any, ...], slot: int, dispatch: Any
-) -> Callable[[Any, Any], Any]:
-    """y = x @ (W + B A).T + bias for the adapter in `slot`, through vLLM's CPU GEMM dispatch
-    (the packed kernels the base layer uses)."""
+def _packed(weight: Any, dispatch: Any) -> Callable[[Any, Any], Any]:
+    """weight packed by vLLM's CPU GEMM dispatch, as a function (x, bias) -> x @ weight.T."""
     import types
 
     import torch
+    from vllm.model_executor.layers.utils import check_cpu_sgl_kernel
+
+    shadow = types.SimpleNamespace(weight=weight)
+    # The SGL kernel takes its bias in float32 (vLLM converts the layer's bias when it picks
+    # that kernel for the base layer); oneDNN and torch take the activations' dtype.
+    bias_dtype = torch.float32 if check_cpu_sgl_kernel(*weight.shape, weight.dtype) else None
+    dispatch(shadow, True)
+
+    def linear(x: Any, bias: Any) -> Any:
+        if bias is not None:
+            bias = bias.to(bias_dtype or x.dtype)
+        return shadow.cpu_linear(x, shadow.weight, bias)
+
+    return linear
+
+
+def single_adapter_linear(
+    dense: Any, lora_a: tuple[Any, ...], lora_b: tuple[Any, ...], slot: int, dispatch: Any
+) -> Callable[[Any, Any], Any]:
+    """y = x @ W.T + bias + the adapter in `slot`, as one GEMM packed by vLLM's CPU dispatch:
+    W + B A for float32 weights, [W | B] on [x | x A^T] otherwise (see above)."""
+    import torch
+    from vllm.model_executor.layers.utils import check_cpu_sgl_kernel
 
     a_all, b_block = fused_weights(lora_a, lora_b, slot, 1.0, torch.float32)
-    delta = (a_all @ b_block).T  # out x in, float32
-    merged = dense.to(torch.float32, copy=True)  # never the kept dense weight itself
-    merged[: delta.shape[0]] += delta
-    shadow = types.SimpleNamespace(weight=merged.to(dense.dtype))
-    dispatch(shadow, True)
-    return lambda x, bias: shadow.cpu_linear(x, shadow.weight, bias)
+    out_width, in_width = dense.shape
+    if dense.dtype == torch.float32:
+        merged = dense.to(torch.float32, copy=True)  # never the kept dense weight itself
+        merged[: b_block.shape[1]] += (a_all @ b_block).T
+        return _packed(merged, dispatch)
+    rank = a_all.shape[1]
+    if check_cpu_sgl_kernel(out_width, in_width, dense.dtype):
+        rank += -rank % 32  # keep the inner dimension a multiple of 32, as that kernel needs
+    stacked = torch.zeros((out_width, in_width + rank), dtype=dense.dtype)
+    stacked[:, :in_width] = dense
+    stacked[: b_block.shape[1], in_width : in_width + b_block.shape[0]] = b_block.T
+    a_t = torch.zeros((in_width, rank), dtype=dense.dtype)
+    a_t[:, : a_all.shape[1]] = a_all
+    linear = _packed(stacked, dispatch)
+    return lambda x, bias: linear(torch.cat((x, x @ a_t), dim=1), bias)
 
 
-def apply_merged_lora_linear(layer_cls: Any, dispatch: Any) -> bool:
+def apply_single_adapter_lora_linear(layer_cls: Any, dispatch: Any) -> bool:
     """Patch BaseLinearLayerWithLoRA._apply_sync: a batch whose tokens all use one adapter slot
-    goes through that layer's merged weights; anything else through vLLM's path."""
+    goes through that layer's single-adapter GEMM; anything else through vLLM's path."""
 
     def make(orig_apply: Any) -> tuple[Any]:
         def _apply_sync(self: Any, x: Any, bias: Any = None) -> Any:
@@ -474,23 +506,23 @@ def apply_merged_lora_linear(layer_cls: Any, dispatch: Any) -> bool:
             dense = getattr(self.base_layer, _DENSE_ATTR, None)
             if slot is None or slot < 0 or dense is None or x.dim() != 2:
                 return orig_apply(self, x, bias)
-            cache = self.__dict__.setdefault("_vbon_merged", {})
+            cache = self.__dict__.setdefault("_vbon_single", {})
             if cache.get("generation") != _weights_generation:
                 cache.clear()  # an adapter was written into a slot
                 cache["generation"] = _weights_generation
             linear = cache.get(slot)
             if linear is None:
-                linear = cache[slot] = merged_linear(
+                linear = cache[slot] = single_adapter_linear(
                     dense, self.lora_a_stacked, self.lora_b_stacked, slot, dispatch
                 )
             return linear(x, bias)
 
         return (_apply_sync,)
 
-    return _install(layer_cls, "merged CPU LoRA path", make, "_apply_sync")
+    return _install(layer_cls, "single-adapter CPU LoRA path", make, "_apply_sync")
 
 
-def apply_merged_lora() -> bool:
+def apply_single_adapter_lora() -> bool:
     if _merge_budget_bytes() <= 0:
         return False
     import vllm.model_executor.layers.utils as layer_utils
@@ -498,4 +530,4 @@ def apply_merged_lora() -> bool:
 
     keep_dense_weights(layer_utils)
     original = getattr(layer_utils.dispatch_cpu_unquantized_gemm, "_vbon_original", None)
-    return apply_merged_lora_linear(BaseLinearLayerWithLoRA, original)
+    return apply_single_adapter_lora_linear(BaseLinearLayerWithLoRA, original)
