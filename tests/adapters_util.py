@@ -29,16 +29,9 @@ def make_fake_adapter(
 
 
 def make_peft_adapter(
-    base_model: Path,
-    folder: Path,
-    n: int = 8,
-    rank: int = 8,
-    seed: int = 0,
-    scale: float = 1.0,
-    targets: tuple[str, ...] = ("q_proj", "v_proj"),
+    base_model: Path, folder: Path, n: int = 8, rank: int = 8, seed: int = 0
 ) -> Path:
-    """A real random peft LoRA adapter for the embedded model (for the real engine); `scale`
-    multiplies its B matrices (small values give a trained adapter's small per-layer deltas)."""
+    """A real random peft LoRA adapter for the embedded model (for the real engine)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -46,13 +39,9 @@ def make_peft_adapter(
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
     cfg = LoraConfig(
-        r=rank, lora_alpha=2 * rank, target_modules=list(targets), init_lora_weights=False
+        r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"], init_lora_weights=False
     )
     peft_model = get_peft_model(model, cfg)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.mul_(scale)
     peft_model.save_pretrained(folder)
     meta = AdapterMeta(
         name=folder.name, n=n, beta=1 / (n - 1), m=16, base_model=str(base_model), lora_rank=rank

@@ -388,8 +388,8 @@ def apply_fused_lora_linear(wrapper_cls: Any) -> bool:
 # layer runs one GEMM that holds the adapter itself, through vLLM's own CPU GEMM dispatch (the
 # kernels the base layer uses), rounding once as the base layer does:
 #   float32 weights: W + B A (merged; exact, and no cost beyond the base GEMM);
-#   bf16 weights:    [W | B] applied to [x | x A^T] (stacked along the inner dimension; the
-#                    r extra columns per projection cost a few % of the GEMM).
+#   bf16 weights:    [W | B] applied to [x | x A^T] (stacked along the inner dimension: r
+#                    more columns per projection, plus the small x A^T matmul).
 # vLLM drops the dense weight after packing it, so with LoRA enabled the dispatch keeps it when
 # the dense copy plus one adapter copy per slot (max_loras) fit a memory budget
 # (VBON_MERGED_LORA_MAX_GB, default 2; 0 turns this off and leaves the fused path).
