@@ -275,6 +275,16 @@ def _bump_generation() -> None:
     _weights_generation += 1
 
 
+def _slot_cache(owner: Any, attr: str) -> dict[Any, Any]:
+    """owner's per-layer cache of weights built from adapter slots, emptied once after each
+    write of an adapter into a slot (weights are written in place, under the same tensors)."""
+    cache = owner.__dict__.setdefault(attr, {})
+    if cache.get("generation") != _weights_generation:
+        cache.clear()
+        cache["generation"] = _weights_generation
+    return cache
+
+
 def apply_activation_hook(manager_cls: Any) -> bool:
     """Count adapter activations that write a slot (LoRAModelManager.activate_adapter; the LRU
     manager calls it through super()), so fused weights are never served from a slot that was
@@ -351,10 +361,7 @@ def apply_fused_lora_linear(wrapper_cls: Any) -> bool:
                 )  # fmt: skip
             if slot < 0:
                 return None  # no token of this batch uses an adapter
-            cache = self.__dict__.setdefault("_vbon_fused", {})
-            if cache.get("generation") != _weights_generation:
-                cache.clear()
-                cache["generation"] = _weights_generation
+            cache = _slot_cache(self, "_vbon_fused")
             key = (id(lora_a_stacked), slot, scale, y.dtype)
             hit = cache.get(key)
             if hit is None:
@@ -481,7 +488,7 @@ def single_adapter_linear(
     a_all, b_block = fused_weights(lora_a, lora_b, slot, 1.0, torch.float32)
     out_width, in_width = dense.shape
     if dense.dtype == torch.float32:
-        merged = dense.to(torch.float32, copy=True)  # never the kept dense weight itself
+        merged = dense.clone()  # never the kept dense weight itself
         merged[: b_block.shape[1]] += (a_all @ b_block).T
         return _packed(merged, dispatch)
     rank = a_all.shape[1]
@@ -506,10 +513,7 @@ def apply_single_adapter_lora_linear(layer_cls: Any, dispatch: Any) -> bool:
             dense = getattr(self.base_layer, _DENSE_ATTR, None)
             if slot is None or slot < 0 or dense is None or x.dim() != 2:
                 return orig_apply(self, x, bias)
-            cache = self.__dict__.setdefault("_vbon_single", {})
-            if cache.get("generation") != _weights_generation:
-                cache.clear()  # an adapter was written into a slot
-                cache["generation"] = _weights_generation
+            cache = _slot_cache(self, "_vbon_single")
             linear = cache.get(slot)
             if linear is None:
                 linear = cache[slot] = single_adapter_linear(
