@@ -133,6 +133,33 @@ def test_baselines_and_exact_objective(reference_file: Path, tmp_path: Path, tin
     assert meta.objective == "exact"
 
 
+def lora_b(folder: Path) -> dict[str, object]:
+    from safetensors.torch import load_file
+
+    return {k: v.float() for k, v in load_file(str(folder / "adapter_model.safetensors")).items()
+            if "lora_B" in k}  # fmt: skip
+
+
+def test_warm_start_trains_bon_sft_then_rl_from_it(reference_file: Path, tmp_path: Path) -> None:
+    args = tiny(reference_file, tmp_path, "warm", "--warm-start-epochs", "3", "--steps", "1")
+    assert main(args) == 0
+    out = tmp_path / "adapters" / "warm"
+    warm, final = lora_b(tmp_path / "runs" / "warm" / "warm-start"), lora_b(out)
+    assert warm.keys() == final.keys()
+    warm_norm = sum(float(v.norm()) for v in warm.values())
+    moved = sum(float((final[k] - warm[k]).norm()) for k in warm)
+    # SFT moved B away from zero; the one RL step then moved it a little from there (from
+    # zero, one step could not reach the warm start's norm).
+    assert warm_norm > 0 and 0 < moved < 0.5 * warm_norm
+    # The KL is to the base model: at the first step the policy is the warm start, not the
+    # reference (TRL, handed a PeftModel, would compare with a copy of it: exactly 0).
+    step1 = (out / "curves.csv").read_text().splitlines()[1].split(",")
+    header = (out / "curves.csv").read_text().splitlines()[0].split(",")
+    assert abs(float(step1[header.index("kl_seq")])) > 1e-6
+    assert validate_adapter(out).method == "vbon"
+    assert not (tmp_path / "runs" / "warm" / "warm-start-checkpoints").exists()
+
+
 def test_kill_and_resume(
     reference_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture, figures
 ) -> None:
@@ -222,3 +249,33 @@ def test_bad_input_fails_fast_and_writes_nothing(
     assert err.startswith("error:") and needle in err
     assert not (tmp_path / "runs").exists()
     assert out.exists() == (case == "output-exists")
+
+
+def test_bon_sft_examples_end_like_the_samples_did(embedded_model: Path) -> None:
+    """SFT data are the sampled tokens: EOS only after a sample that ended, none after one cut
+    at max_tokens (TRL's default appends EOS to every completion), loss on the completion."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from trainer.job import bon_sft_dataset
+    from trainer.reference import ReferenceRow
+    from vbon.prompts import render_task
+    from vbon.sampling import Sampling
+
+    tok = AutoTokenizer.from_pretrained(embedded_model)
+    long = " It was great" * 20  # more than max_tokens: the sampler cut it
+    job = SimpleNamespace(cfg=SimpleNamespace(n=2), sampling=Sampling(max_tokens=16))
+    rows = [ReferenceRow("The film", [" Bad.", " Fine!", long, " Meh."], [-0.5, 0.4, 0.9, 0.0])]
+    data = bon_sft_dataset(job, tok, rows)
+    assert len(data) == 2  # the best of each group of N = 2
+    prompt_ids = tok(render_task(tok, "The film"), add_special_tokens=False)["input_ids"]
+    short, cut = data[0], data[1]
+    for ex in (short, cut):
+        assert ex["input_ids"][: len(prompt_ids)] == prompt_ids
+        assert ex["completion_mask"] == [0] * len(prompt_ids) + [1] * (
+            len(ex["input_ids"]) - len(prompt_ids)
+        )
+    assert tok.decode(short["input_ids"][len(prompt_ids) :]) == " Fine!" + tok.eos_token
+    assert tok.eos_token_id not in cut["input_ids"][len(prompt_ids) :]
+    assert tok.decode(cut["input_ids"][len(prompt_ids) :]) == long

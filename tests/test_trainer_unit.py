@@ -45,6 +45,8 @@ def test_defaults_are_vbon_8() -> None:
         (["--completions-per-prompt", "1"], "leaves one out"),
         (["--steps", "0"], "--steps must be >= 1"),
         (["--output", "adapters/bad name"], "adapter name"),
+        (["--warm-start-epochs", "-1"], "--warm-start-epochs must be >= 0"),
+        (["--method", "kl-rl", "--beta", "0.1", "--warm-start-epochs", "1"], "vbon only"),
     ],
 )
 def test_bad_settings_say_how_to_fix(argv: list[str], needle: str) -> None:

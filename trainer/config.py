@@ -150,6 +150,14 @@ class TrainConfig:
         metadata={"help": "Stop training (and publish) after this many minutes; 0: no limit."},
     )
     sft_epochs: float = field(default=2.0, metadata={"help": "bon-sft only: epochs."})
+    warm_start_epochs: float = field(
+        default=0.0,
+        metadata={
+            "help": "vbon only: epochs of BoN-N SFT on the reference samples (the bon-sft "
+            "baseline's data, at the same learning rate) before the RL stage, which then "
+            "starts from that adapter; the KL is still to the base model. 0: RL from the base."
+        },
+    )
     # --- model / adapter -----------------------------------------------------------------
     lora_rank: int = field(default=16, metadata={"help": "LoRA rank (the gateway's max 16)."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
@@ -271,6 +279,13 @@ class TrainConfig:
                 )
         if self.method == "kl-rl" and (self.beta is None or self.beta <= 0):
             errors.append("--method kl-rl needs --beta B > 0 (the KL weight), e.g. --beta 0.1")
+        if self.warm_start_epochs < 0:
+            errors.append(f"--warm-start-epochs must be >= 0, got {self.warm_start_epochs}")
+        elif self.warm_start_epochs > 0 and self.method != "vbon":
+            errors.append(
+                "--warm-start-epochs applies to --method vbon only (bon-sft is the warm start "
+                "alone; kl-rl has no reference samples)"
+            )
         if self.method == "bon-sft" and self.objective != "bound":
             errors.append("--objective applies to --method vbon only")
         positive = {
