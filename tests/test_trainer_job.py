@@ -4,6 +4,7 @@ baselines, kill-and-resume, and bad input failing before any long work."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import random
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -55,13 +57,18 @@ def tiny(ref: Path, tmp: Path, name: str = "vbon-tiny", *extra: str) -> list[str
     ]  # fmt: skip
 
 
-def lora_b_norm(folder: Path) -> float:
+def lora_b(folder: Path) -> dict[str, Any]:
+    """The adapter's LoRA B matrices by name (float32)."""
     from safetensors.torch import load_file
 
     weights = load_file(str(folder / "adapter_model.safetensors"))
-    b = [v for k, v in weights.items() if "lora_B" in k]
+    b = {k: v.float() for k, v in weights.items() if "lora_B" in k}
     assert b, "no LoRA B matrices saved"
-    return float(sum(t.float().norm() for t in b))
+    return b
+
+
+def lora_b_norm(folder: Path) -> float:
+    return float(sum(t.norm() for t in lora_b(folder).values()))
 
 
 def no_partial_folders(parent: Path) -> bool:
@@ -133,29 +140,22 @@ def test_baselines_and_exact_objective(reference_file: Path, tmp_path: Path, tin
     assert meta.objective == "exact"
 
 
-def lora_b(folder: Path) -> dict[str, object]:
-    from safetensors.torch import load_file
-
-    return {k: v.float() for k, v in load_file(str(folder / "adapter_model.safetensors")).items()
-            if "lora_B" in k}  # fmt: skip
-
-
 def test_warm_start_trains_bon_sft_then_rl_from_it(reference_file: Path, tmp_path: Path) -> None:
     args = tiny(reference_file, tmp_path, "warm", "--warm-start-epochs", "3", "--steps", "1")
     assert main(args) == 0
     out = tmp_path / "adapters" / "warm"
     warm, final = lora_b(tmp_path / "runs" / "warm" / "warm-start"), lora_b(out)
     assert warm.keys() == final.keys()
-    warm_norm = sum(float(v.norm()) for v in warm.values())
+    warm_norm = float(sum(v.norm() for v in warm.values()))
     moved = sum(float((final[k] - warm[k]).norm()) for k in warm)
     # SFT moved B away from zero; the one RL step then moved it a little from there (from
     # zero, one step could not reach the warm start's norm).
     assert warm_norm > 0 and 0 < moved < 0.5 * warm_norm
     # The KL is to the base model: at the first step the policy is the warm start, not the
     # reference (TRL, handed a PeftModel, would compare with a copy of it: exactly 0).
-    step1 = (out / "curves.csv").read_text().splitlines()[1].split(",")
-    header = (out / "curves.csv").read_text().splitlines()[0].split(",")
-    assert abs(float(step1[header.index("kl_seq")])) > 1e-6
+    with (out / "curves.csv").open() as fh:
+        step1 = next(csv.DictReader(fh))
+    assert abs(float(step1["kl_seq"])) > 1e-6
     assert validate_adapter(out).method == "vbon"
     assert not (tmp_path / "runs" / "warm" / "warm-start-checkpoints").exists()
 
