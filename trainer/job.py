@@ -483,11 +483,14 @@ def build_sft_trainer(
     progress: bool = True,
     epochs: float | None = None,
     output_dir: Path | None = None,
+    save_checkpoints: bool = True,
 ):
-    """BoN-SFT: the bon-sft method, and the warm start of vbon (`epochs`, `output_dir`)."""
-    from trl import SFTConfig, SFTTrainer
+    """BoN-SFT: the bon-sft method, and the warm start of vbon (`epochs`, `output_dir`, and no
+    checkpoints: --resume reuses only a finished warm start)."""
+    from trl import SFTConfig
 
     from trainer.callbacks import JobCallback
+    from trainer.sft import sft_trainer_class
 
     cfg = job.cfg
     model, tok = load_policy(job)
@@ -499,13 +502,16 @@ def build_sft_trainer(
         per_device_train_batch_size=batch,
         max_steps=steps,
         completion_only_loss=True,
-        **training_arguments(cfg),
+        **{
+            **training_arguments(cfg),
+            **({} if save_checkpoints else {"save_strategy": "no"}),
+        },
     )
     callback = JobCallback(
         kl_stop=None, kl_window=cfg.kl_window, max_minutes=cfg.max_train_minutes,
         progress=progress,
     )
-    trainer = SFTTrainer(
+    trainer = sft_trainer_class()(
         model=model,
         args=args,
         train_dataset=data,
@@ -530,7 +536,9 @@ def warm_start_stage(job: Job, rows: list[ReferenceRow]) -> Path:
         return folder
     logger.info("warm start: %.3g epochs of BoN-%d SFT", cfg.warm_start_epochs, cfg.n)
     scratch = cfg.run_dir / f"{WARM_START}-checkpoints"
-    trainer, _ = build_sft_trainer(job, rows, epochs=cfg.warm_start_epochs, output_dir=scratch)
+    trainer, _ = build_sft_trainer(
+        job, rows, epochs=cfg.warm_start_epochs, output_dir=scratch, save_checkpoints=False
+    )
     _drop_default_progress(trainer)
     trainer.train()
     with staged_folder(folder, overwrite=True) as tmp:
