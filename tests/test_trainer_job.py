@@ -51,6 +51,7 @@ def tiny(ref: Path, tmp: Path, name: str = "vbon-tiny", *extra: str) -> list[str
         "--lora-rank", "4",
         "--evaluate", "false",
         "--checkpoint-every", "1",
+        "--warm-start-epochs", "0",  # RL from the base; the warm start has its own test
         "--work-dir", str(tmp / "runs"),
         "--output", str(tmp / "adapters" / name),
         *extra,

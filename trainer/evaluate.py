@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("adapter", type=Path, help="adapter folder (with vbon.json)")
     parser.add_argument("--eval-prompts", default="", help="held-out prompt file (JSONL)")
-    parser.add_argument("--eval-num-prompts", type=int, default=64, help="first K (0: all)")
+    parser.add_argument("--eval-num-prompts", type=int, default=0, help="first K (0: all)")
     parser.add_argument("--samples", type=int, default=2, help="samples (groups) per prompt")
     parser.add_argument("--n", type=int, default=0, help="BoN-N to compare (default: adapter's N)")
     parser.add_argument("--seed", type=int, default=0)
