@@ -315,9 +315,10 @@ def rl_dataset(job: Job, tok: Any, rows: list[ReferenceRow] | None):
     return Dataset.from_dict(data)
 
 
-def training_arguments(cfg: TrainConfig) -> dict[str, Any]:
+def training_arguments(cfg: TrainConfig, *, checkpoints: bool = True) -> dict[str, Any]:
     """The transformers TrainingArguments that RLOO and SFT runs share: optimiser, precision,
-    checkpoints (for --resume), seeds, and our own progress bar instead of transformers'."""
+    checkpoints (for --resume; none for a stage that --resume redoes whole), seeds, and our own
+    progress bar instead of transformers'."""
     return {
         "learning_rate": cfg.learning_rate,
         "lr_scheduler_type": cfg.lr_schedule,
@@ -326,7 +327,7 @@ def training_arguments(cfg: TrainConfig) -> dict[str, Any]:
         "gradient_checkpointing": False,
         "bf16": torch_dtype_choice(cfg) == "bfloat16",
         "logging_steps": 1,
-        "save_strategy": "steps",
+        "save_strategy": "steps" if checkpoints else "no",
         "save_steps": cfg.checkpoint_every,
         "save_total_limit": 2,
         "report_to": "none",
@@ -502,10 +503,7 @@ def build_sft_trainer(
         per_device_train_batch_size=batch,
         max_steps=steps,
         completion_only_loss=True,
-        **{
-            **training_arguments(cfg),
-            **({} if save_checkpoints else {"save_strategy": "no"}),
-        },
+        **training_arguments(cfg, checkpoints=save_checkpoints),
     )
     callback = JobCallback(
         kl_stop=None, kl_window=cfg.kl_window, max_minutes=cfg.max_train_minutes,

@@ -21,12 +21,10 @@ def completion_nll_sum(
     labels: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed negative log-likelihood of the labelled tokens (label != -100) and their count."""
-    labelled = labels != -100
     width = labels.size(1)
-    # The first labelled position over the batch; the logit at t predicts token t + 1.
-    has = labelled.any(dim=1)
-    first = int(labelled[has].float().argmax(dim=1).min()) if bool(has.any()) else width - 1
-    first = max(first, 1)
+    # The first position labelled in any row; the logit at t predicts token t + 1.
+    columns = (labels != -100).any(dim=0).nonzero()
+    first = max(int(columns[0]), 1) if len(columns) else width - 1
     keep = width - first + 1
     logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
     targets = labels[:, first:]
