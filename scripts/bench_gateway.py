@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -90,13 +93,6 @@ def engine_config_probe(label: str, settings: dict, env: dict, prompts: int, ns:
 
 
 # -- gateway vs direct --------------------------------------------------------------------
-async def direct_engine():
-    from vbon.engine import build_async_engine
-    from vbon.settings import CoreSettings
-
-    return build_async_engine(CoreSettings())
-
-
 async def direct_bon(engine, tok, i: int, n: int, seed: int, lora=None) -> float:
     from vllm.sampling_params import RequestOutputKind
 
@@ -136,6 +132,11 @@ async def gateway_bon(client, i: int, n: int, seed: int, route: str = "/v1/bon")
     return time.perf_counter() - t
 
 
+def per_answer(fn: Callable, *args, **kwargs) -> Callable:
+    """`fn` as a closed-loop client calls it: answer i uses prompt i and seed i."""
+    return lambda i: fn(*args, i=i, seed=i, **kwargs)
+
+
 async def saturate(call, concurrency: int, total: int) -> float:
     """Answers/s with `concurrency` closed-loop clients completing `total` requests."""
     counter = iter(range(total))
@@ -149,67 +150,126 @@ async def saturate(call, concurrency: int, total: int) -> float:
     return total / (time.perf_counter() - t)
 
 
+def paired(ratios: list[float]) -> dict:
+    """The median of per-pair ratios (gateway / direct) as an overhead in %, with the range of
+    the middle half: each pair ran back to back, so drift between pairs cancels."""
+    q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+    return {
+        "overhead_pct": 100 * (statistics.median(ratios) - 1),
+        "overhead_iqr_pct": [100 * (q[0] - 1), 100 * (q[2] - 1)],
+        "pairs": len(ratios),
+    }
+
+
+async def in_turn(gateway: Callable, direct: Callable, flip: bool) -> tuple[float, float]:
+    """Run the two measurements back to back (direct first when `flip`); return both results
+    as (gateway, direct)."""
+    if flip:
+        d = await direct()
+        return await gateway(), d
+    g = await gateway()
+    return g, await direct()
+
+
+@contextlib.asynccontextmanager
+async def gateway_in_process(adapter_dir: Path):
+    """The gateway app (lifespan, routers, middleware) served by uvicorn on loopback in this
+    event loop, so the direct calls can use the very AsyncLLM engine it built: two engines on
+    two cores made both paths' timings drift apart by more than the 3 % being measured."""
+    import uvicorn
+
+    from server.app import create_app
+    from server.settings import ServerSettings
+    from tests.server_proc import free_port
+
+    settings = ServerSettings(
+        adapters_dir=adapter_dir,
+        adapter_poll_s=0,
+        max_samples_in_flight=100000,
+        log_level="warning",
+    )
+    app = create_app(settings, background_load=False)
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+    )
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            task.result()
+            raise RuntimeError("the gateway stopped while starting")
+        await asyncio.sleep(0.1)
+    try:
+        if app.state.gateway is None:
+            raise RuntimeError(f"the gateway did not start: {app.state.startup_error}")
+        yield f"http://127.0.0.1:{port}", app.state.gateway
+    finally:
+        server.should_exit = True
+        await task
+
+
 async def gateway_vs_direct(args: argparse.Namespace, results: dict, adapter_dir: Path) -> None:
     import httpx
 
     global _VADER
+    from vllm.lora.request import LoRARequest
+
     from vbon.rewards.vader import VaderReward
 
     _VADER = VaderReward()
-    sys.path.insert(0, str(ROOT))
-    from tests.server_proc import ServerProcess
-
-    log = Path(args.out) / "gateway.log"
-    server = ServerProcess(
-        {
-            "VBON_ADAPTERS_DIR": str(adapter_dir),
-            "VBON_ADAPTER_POLL_S": "0",
-            "VBON_MAX_SAMPLES_IN_FLIGHT": "100000",
-            "VBON_LOG_LEVEL": "warning",
-        },
-        log,
-    )
-    try:
-        engine = await direct_engine()
+    async with gateway_in_process(adapter_dir) as (url, gateway):
+        engine = gateway.backend._engine
         tok = engine.tokenizer or engine.get_tokenizer()
-        from vllm.lora.request import LoRARequest
-
-        lora = LoRARequest("vbon-bench", 1, str(adapter_dir / "vbon-bench"))
-        async with httpx.AsyncClient(base_url=server.url, timeout=600) as client:
+        lora = LoRARequest("vbon-bench-direct", 10_000, str(adapter_dir / "vbon-bench"))
+        async with httpx.AsyncClient(base_url=url, timeout=600) as client:
             # Warm both (prefix cache, LoRA load) with the exact requests measured later.
             for n in args.ns:
-                for rep in range(args.reps):
+                for rep in range(min(args.reps, 2)):
                     await gateway_bon(client, rep, n, 1000 + rep)
                     await direct_bon(engine, tok, rep, n, 1000 + rep)
             latency: dict = {}
             bar = tqdm(total=len(args.ns) * args.reps * 2, desc="latency (one at a time)")
             for n in args.ns:
                 g, d = [], []
-                for rep in range(args.reps):  # alternate, so drift hits both alike
-                    g.append(await gateway_bon(client, rep, n, 1000 + rep))
-                    d.append(await direct_bon(engine, tok, rep, n, 1000 + rep))
+                for rep in range(args.reps):
+                    # The same seeded request both ways, in alternating order.
+                    ga, da = await in_turn(
+                        partial(gateway_bon, client, rep, n, 1000 + rep),
+                        partial(direct_bon, engine, tok, rep, n, 1000 + rep),
+                        flip=rep % 2 == 1,
+                    )
+                    g.append(ga)
+                    d.append(da)
                     bar.update(2)
-                latency[n] = {"gateway_s": statistics.median(g), "direct_s": statistics.median(d)}
-                latency[n]["overhead_pct"] = 100 * (
-                    latency[n]["gateway_s"] / latency[n]["direct_s"] - 1
-                )
+                latency[n] = {
+                    "gateway_s": statistics.median(g),
+                    "direct_s": statistics.median(d),
+                    **paired([x / y for x, y in zip(g, d, strict=True)]),
+                }
             bar.close()
             results["latency"] = latency
             sat: dict = {}
+            conc = args.concurrency
+            bar = tqdm(total=len(args.sat_ns) * args.blocks * 2, desc="saturated blocks")
             for n in args.sat_ns:
                 total = max(args.concurrency, args.sat_answers // n)
-                ga = await saturate(
-                    lambda i, n=n: gateway_bon(client, i, n, i), args.concurrency, total
-                )
-                da = await saturate(
-                    lambda i, n=n: direct_bon(engine, tok, i, n, i), args.concurrency, total
-                )
+                ga_s, da_s = [], []
+                for block in range(args.blocks):
+                    ga, da = await in_turn(
+                        partial(saturate, per_answer(gateway_bon, client, n=n), conc, total),
+                        partial(saturate, per_answer(direct_bon, engine, tok, n=n), conc, total),
+                        flip=block % 2 == 1,
+                    )
+                    ga_s.append(ga)
+                    da_s.append(da)
+                    bar.update(2)
                 sat[n] = {
-                    "gateway_answers_per_s": ga,
-                    "direct_answers_per_s": da,
-                    "overhead_pct": 100 * (da / ga - 1),
+                    "gateway_answers_per_s": statistics.median(ga_s),
+                    "direct_answers_per_s": statistics.median(da_s),
+                    # Overhead = how much longer the gateway takes per answer.
+                    **paired([d / g for g, d in zip(ga_s, da_s, strict=True)]),
                 }
-                print(f"saturation n={n}: gateway {ga:.3f}/s direct {da:.3f}/s", flush=True)
+            bar.close()
             results["saturation"] = sat
             # LoRA cost: one vBoN sample vs one base sample, at saturation, direct engine.
             total = args.sat_answers
@@ -228,9 +288,11 @@ async def gateway_vs_direct(args: argparse.Namespace, results: dict, adapter_dir
                 "gateway_vbon_answers_per_s": gv,
                 "lora_cost_pct": 100 * (base / lo - 1),
             }
-        engine.shutdown()
-    finally:
-        server.stop()
+
+
+def _iqr(r: dict) -> str:
+    lo, hi = r["overhead_iqr_pct"]
+    return f"{lo:+.1f}% to {hi:+.1f}%"
 
 
 def write_report(results: dict, out: Path) -> None:
@@ -242,7 +304,8 @@ def write_report(results: dict, out: Path) -> None:
     lines = ["# Gateway benchmark", "", f"Machine: {results['machine']}", ""]
     if "engine" in results:
         lines += [
-            "## Engine configuration (saturated, 48 tokens per sample, ignore_eos)",
+            "## Engine configuration (saturated, 48 tokens per sample, ignore_eos; median of "
+            "rounds)",
             "",
             "| config | N | generated tokens/s | answers/s |",
             "| --- | --- | --- | --- |",
@@ -252,29 +315,38 @@ def write_report(results: dict, out: Path) -> None:
                 lines.append(
                     f"| {label} | {n} | {r['tokens_per_s']:.1f} | {r['answers_per_s']:.3f} |"
                 )
+        lines += ["", "| N | ours / vLLM default, tokens/s (median of rounds) | per round |",
+                  "| --- | --- | --- |"]
+        for n, r in results["engine_speedup"].items():
+            per = ", ".join(f"{x:.2f}x" for x in r["per_round"])
+            lines.append(f"| {n} | {r['median']:.2f}x | {per} |")
         lines.append("")
     if "latency" in results:
         lines += [
             "## Gateway vs direct AsyncLLM, one request at a time (median latency)",
             "",
-            "| N | gateway s | direct s | gateway overhead |",
-            "| --- | --- | --- | --- |",
+            "| N | gateway s | direct s | gateway overhead (median of pairs) | middle half "
+            "| pairs |",
+            "| --- | --- | --- | --- | --- | --- |",
         ]
         for n, r in results["latency"].items():
             lines.append(
-                f"| {n} | {r['gateway_s']:.3f} | {r['direct_s']:.3f} | {r['overhead_pct']:+.1f}% |"
+                f"| {n} | {r['gateway_s']:.3f} | {r['direct_s']:.3f} | {r['overhead_pct']:+.1f}% "
+                f"| {_iqr(r)} | {r['pairs']} |"
             )
         lines += [
             "",
             "## Gateway vs direct AsyncLLM, saturated",
             "",
-            "| N | gateway answers/s | direct answers/s | gateway overhead |",
-            "| --- | --- | --- | --- |",
+            "| N | gateway answers/s | direct answers/s | gateway overhead (median of pairs) "
+            "| middle half | pairs |",
+            "| --- | --- | --- | --- | --- | --- |",
         ]
         for n, r in results["saturation"].items():
             lines.append(
                 f"| {n} | {r['gateway_answers_per_s']:.3f} | "
-                f"{r['direct_answers_per_s']:.3f} | {r['overhead_pct']:+.1f}% |"
+                f"{r['direct_answers_per_s']:.3f} | {r['overhead_pct']:+.1f}% | {_iqr(r)} "
+                f"| {r['pairs']} |"
             )
         lo = results["lora"]
         lines += [
@@ -326,7 +398,9 @@ def main() -> None:
     args = p.parse_args()
     args.ns = [1, 4, 8, 16]
     args.sat_ns = [1, 8] if args.quick else [1, 4, 8, 16]
-    args.reps = 3 if args.quick else 5
+    args.reps = 4 if args.quick else 12
+    args.blocks = 2 if args.quick else 6
+    args.engine_rounds = 1 if args.quick else 3
     args.concurrency = 16
     args.sat_answers = 32 if args.quick else 64
     out = Path(args.out)
@@ -339,15 +413,34 @@ def main() -> None:
     }
     if not args.skip_engine_config:
         prompts = 32 if args.quick else 64
-        results["engine"] = {
-            "vLLM default (1 core reserved)": engine_config_probe(
-                "default", {"cpu_threads": "auto", "cpu_preload": False}, {}, prompts, [1, 8]
-            ),
-            "vbon default (both cores + preloads)": engine_config_probe(
-                "ours", {}, {}, prompts, [1, 8]
-            ),
+        configs = {
+            "vLLM default (1 core reserved)": {"cpu_threads": "auto", "cpu_preload": False},
+            "vbon default (both cores + preloads)": {},
         }
-        print(json.dumps(results["engine"], indent=1), flush=True)
+        # Each configuration needs its own engine process; alternate them over several rounds
+        # and compare within a round, since this machine's speed drifts between minutes.
+        rounds: list[dict] = []
+        for r in tqdm(range(args.engine_rounds), desc="engine configurations"):
+            labels = list(configs) if r % 2 == 0 else list(configs)[::-1]
+            rounds.append(
+                {lb: engine_config_probe(lb, configs[lb], {}, prompts, [1, 8]) for lb in labels}
+            )
+        results["engine"] = {
+            lb: {n: {k: statistics.median(rd[lb][n][k] for rd in rounds)
+                     for k in ("tokens_per_s", "answers_per_s")} for n in (1, 8)}
+            for lb in configs
+        }
+        stock, ours = configs
+        results["engine_speedup"] = {
+            n: {
+                "median": statistics.median(rd[ours][n]["tokens_per_s"]
+                                            / rd[stock][n]["tokens_per_s"] for rd in rounds),
+                "per_round": [rd[ours][n]["tokens_per_s"] / rd[stock][n]["tokens_per_s"]
+                              for rd in rounds],
+            }
+            for n in (1, 8)
+        }
+        print(json.dumps(results["engine_speedup"], indent=1), flush=True)
     if not args.skip_gateway:
         from tests.adapters_util import make_peft_adapter
         from vbon.models import prepare_embedded

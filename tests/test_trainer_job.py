@@ -266,7 +266,7 @@ def test_bon_sft_examples_end_like_the_samples_did(embedded_model: Path) -> None
 
     tok = AutoTokenizer.from_pretrained(embedded_model)
     long = " It was great" * 20  # more than max_tokens: the sampler cut it
-    job = SimpleNamespace(cfg=SimpleNamespace(n=2), sampling=Sampling(max_tokens=16))
+    job = SimpleNamespace(cfg=SimpleNamespace(n=2, seed=0), sampling=Sampling(max_tokens=16))
     rows = [ReferenceRow("The film", [" Bad.", " Fine!", long, " Meh."], [-0.5, 0.4, 0.9, 0.0])]
     data = bon_sft_dataset(job, tok, rows)
     assert len(data) == 2  # the best of each group of N = 2
@@ -280,3 +280,35 @@ def test_bon_sft_examples_end_like_the_samples_did(embedded_model: Path) -> None
     assert tok.decode(short["input_ids"][len(prompt_ids) :]) == " Fine!" + tok.eos_token
     assert tok.eos_token_id not in cut["input_ids"][len(prompt_ids) :]
     assert tok.decode(cut["input_ids"][len(prompt_ids) :]) == long
+
+
+def test_bon_sft_rounds_draw_bon_n_from_fresh_partitions(embedded_model: Path) -> None:
+    """Each round after the first partitions a prompt's M samples anew, so over many rounds
+    the k-th best sample wins as often as under BoN-N from those M: C(M-k, N-1) / C(M, N) per
+    group. A fixed partition would repeat one round's winners (the 3rd best never, or always)."""
+    from collections import Counter
+    from math import comb
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from trainer.job import bon_sft_dataset
+    from trainer.reference import ReferenceRow
+    from vbon.prompts import render_task
+    from vbon.sampling import Sampling
+
+    tok = AutoTokenizer.from_pretrained(embedded_model)
+    texts = [" Awful.", " Superb!", " Fine.", " Good."]  # ranks 4, 1, 3, 2
+    rows = [ReferenceRow("The film", texts, [-0.5, 0.9, 0.1, 0.4])]
+    job = SimpleNamespace(cfg=SimpleNamespace(n=2, seed=0), sampling=Sampling(max_tokens=16))
+    rounds = 600
+    data = bon_sft_dataset(job, tok, rows, rounds=rounds)
+    assert len(data) == 2 * rounds
+    n_prompt = len(tok(render_task(tok, "The film"), add_special_tokens=False)["input_ids"])
+    wins = Counter(tok.decode(ex["input_ids"][n_prompt:]).removesuffix(tok.eos_token)
+                   for ex in data)
+    assert wins[" Awful."] == 0
+    assert wins[" Superb!"] == rounds  # the best sample wins its group in every partition
+    for text, rank in ((" Good.", 2), (" Fine.", 3)):
+        expected = 2 * rounds * comb(4 - rank, 1) / comb(4, 2)
+        assert abs(wins[text] - expected) < 0.15 * expected, (text, wins[text], expected)

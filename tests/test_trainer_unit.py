@@ -50,6 +50,7 @@ def test_defaults_are_vbon_8() -> None:
         (["--steps", "0"], "--steps must be >= 1"),
         (["--output", "adapters/bad name"], "adapter name"),
         (["--warm-start-epochs", "-1"], "--warm-start-epochs must be >= 0"),
+        (["--sft-learning-rate", "0"], "--sft-learning-rate must be > 0"),
         (["--method", "kl-rl", "--beta", "0.1", "--warm-start-epochs", "1"], "vbon only"),
     ],
 )

@@ -155,11 +155,18 @@ class TrainConfig:
         metadata={"help": "Stop training (and publish) after this many minutes; 0: no limit."},
     )
     sft_epochs: float = field(default=2.0, metadata={"help": "bon-sft only: epochs."})
+    sft_learning_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "AdamW learning rate of BoN-SFT (the bon-sft method and vbon's warm start); "
+            "default: --learning-rate."
+        },
+    )
     warm_start_epochs: float | None = field(
         default=None,
         metadata={
             "help": "vbon only: epochs of BoN-N SFT on the reference samples (the bon-sft "
-            "baseline's data, at the same learning rate) before the RL stage, which then "
+            "baseline's data, at --sft-learning-rate) before the RL stage, which then "
             "starts from that adapter; the KL is still to the base model. Default for vbon: "
             f"{VBON_WARM_START_EPOCHS:g} (on this CPU BoN-SFT bought ~2.5x more reward per nat "
             "than RL, docs/trainer.md); 0: RL from the base."
@@ -292,6 +299,11 @@ class TrainConfig:
                 )
         if self.method == "kl-rl" and (self.beta is None or self.beta <= 0):
             errors.append("--method kl-rl needs --beta B > 0 (the KL weight), e.g. --beta 0.1")
+        if self.sft_learning_rate is not None and self.sft_learning_rate <= 0:
+            errors.append(
+                f"--sft-learning-rate must be > 0 (or unset: --learning-rate), got "
+                f"{self.sft_learning_rate}"
+            )
         if self.warm_start_epochs < 0:
             errors.append(f"--warm-start-epochs must be >= 0, got {self.warm_start_epochs}")
         elif self.warm_start_epochs > 0 and self.method != "vbon":
