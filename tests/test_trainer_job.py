@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import random
 import signal
@@ -141,10 +142,19 @@ def test_baselines_and_exact_objective(reference_file: Path, tmp_path: Path, tin
     assert meta.objective == "exact"
 
 
-def test_warm_start_trains_bon_sft_then_rl_from_it(reference_file: Path, tmp_path: Path) -> None:
-    args = tiny(reference_file, tmp_path, "warm", "--warm-start-epochs", "3", "--steps", "1")
-    assert main(args) == 0
+def test_warm_start_trains_bon_sft_then_rl_from_it(
+    reference_file: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    args = tiny(
+        reference_file, tmp_path, "warm", "--warm-start-epochs", "3", "--steps", "1",
+        "--rl-prompts", "2",
+    )  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="trainer"):
+        assert main(args) == 0
+    # The warm start trains on the first prompts, RL on the last --rl-prompts.
+    assert f"on {len(OPENINGS) - 2} prompts (2 left for RL)" in caplog.text
     out = tmp_path / "adapters" / "warm"
+    assert json.loads((out / "train_config.json").read_text())["rl_prompts"] == 2
     warm, final = lora_b(tmp_path / "runs" / "warm" / "warm-start"), lora_b(out)
     assert warm.keys() == final.keys()
     warm_norm = float(sum(v.norm() for v in warm.values()))

@@ -34,9 +34,25 @@ def test_defaults_are_vbon_8() -> None:
     assert cfg.output_dir == Path("adapters/vbon-n8")
     assert cfg.kl_stop == pytest.approx(0.9 * kl_bound(8))
     assert cfg.warm_start_epochs == 3.0 and cfg.num_prompts == 0 and cfg.eval_num_prompts == 0
+    assert cfg.rl_prompts is None and cfg.sft_learning_rate is None  # resolved per run
     # The warm start is vbon's default only: the baselines get none, and no error.
     assert parse_config(["--method", "kl-rl", "--beta", "0.1"]).warm_start_epochs == 0.0
     assert parse_config(["--method", "bon-sft"]).warm_start_epochs == 0.0
+
+
+def test_rl_prompts_default_to_a_held_back_slice_of_the_training_prompts() -> None:
+    from trainer.job import _rl_prompts
+
+    assert _rl_prompts(parse_config([]), 600) == 96
+    assert _rl_prompts(parse_config([]), 100) == 25  # at most a quarter
+    assert _rl_prompts(parse_config([]), 12) == 0  # a quarter is under --prompts-per-step
+    assert _rl_prompts(parse_config(["--warm-start-epochs", "0"]), 600) == 0
+    assert _rl_prompts(parse_config(["--method", "bon-sft"]), 600) == 0
+    assert _rl_prompts(parse_config(["--rl-prompts", "0"]), 600) == 0
+    assert _rl_prompts(parse_config(["--rl-prompts", "10"]), 600) == 10
+    for bad in ("2", "600"):  # fewer than a step's prompts; nothing left for the warm start
+        with pytest.raises(ConfigError, match="change --rl-prompts"):
+            _rl_prompts(parse_config(["--rl-prompts", bad]), 600)
 
 
 @pytest.mark.parametrize(
@@ -51,6 +67,8 @@ def test_defaults_are_vbon_8() -> None:
         (["--output", "adapters/bad name"], "adapter name"),
         (["--warm-start-epochs", "-1"], "--warm-start-epochs must be >= 0"),
         (["--sft-learning-rate", "0"], "--sft-learning-rate must be > 0"),
+        (["--rl-prompts", "-1"], "--rl-prompts must be >= 0"),
+        (["--rl-prompts", "8", "--warm-start-epochs", "0"], "needs --method vbon and --warm"),
         (["--method", "kl-rl", "--beta", "0.1", "--warm-start-epochs", "1"], "vbon only"),
     ],
 )

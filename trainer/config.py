@@ -25,6 +25,7 @@ DTYPES = ("auto", "float32", "bfloat16")
 ROLLOUTS = ("vllm", "transformers")
 KL_PENALTIES = ("sequence", "token")
 VBON_WARM_START_EPOCHS = 3.0
+VBON_RL_PROMPTS = 96  # ~20 RL steps of 4 prompts, each prompt seen about once
 VBON_KL_STOP_FRACTION = 0.9  # of BoN-N's bound: the 5-step window lags a KL rising ~0.05/step
 
 
@@ -172,6 +173,17 @@ class TrainConfig:
             "than RL, docs/trainer.md); 0: RL from the base."
         },
     )
+    rl_prompts: int | None = field(
+        default=None,
+        metadata={
+            "help": "vbon with a warm start: the last K training prompts are left out of the "
+            "warm start and are the RL stage's prompts. On prompts the SFT trained on, the "
+            "policy repeats its SFT targets, so RL's reward and KL (and the KL early stop) "
+            f"say little about new prompts. Default: {VBON_RL_PROMPTS} (at most a quarter of "
+            "the prompts; 0 when that is fewer than --prompts-per-step); 0: both stages train "
+            "on every prompt."
+        },
+    )
     # --- model / adapter -----------------------------------------------------------------
     lora_rank: int = field(default=16, metadata={"help": "LoRA rank (the gateway's max 16)."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
@@ -299,6 +311,13 @@ class TrainConfig:
                 )
         if self.method == "kl-rl" and (self.beta is None or self.beta <= 0):
             errors.append("--method kl-rl needs --beta B > 0 (the KL weight), e.g. --beta 0.1")
+        if self.rl_prompts is not None and self.rl_prompts < 0:
+            errors.append(f"--rl-prompts must be >= 0, got {self.rl_prompts}")
+        elif self.rl_prompts and not (self.method == "vbon" and self.warm_start_epochs > 0):
+            errors.append(
+                "--rl-prompts splits the prompts between vbon's warm start and its RL stage: "
+                "it needs --method vbon and --warm-start-epochs > 0"
+            )
         if self.sft_learning_rate is not None and self.sft_learning_rate <= 0:
             errors.append(
                 f"--sft-learning-rate must be > 0 (or unset: --learning-rate), got "

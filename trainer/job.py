@@ -48,6 +48,7 @@ class Job:
     reference_rows: list[ReferenceRow] | None = None
     resume_from: str | None = None
     reference_source: str = ""
+    rl_prompts: int = 0  # the last ones: vbon's RL stage trains on them, its warm start not
 
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -146,6 +147,7 @@ def prepare(cfg: TrainConfig) -> Job:
             f"{len(openings)} training prompt(s) but --prompts-per-step {cfg.prompts_per_step}: "
             "give more prompts or lower --prompts-per-step"
         )
+    rl_prompts = _rl_prompts(cfg, len(openings))
     reward = load_reward(cfg.reward)
     eval_openings: list[str] = []
     if cfg.evaluate:
@@ -162,9 +164,28 @@ def prepare(cfg: TrainConfig) -> Job:
         eval_openings=eval_openings,
         reference_rows=rows,
         reference_source=source,
+        rl_prompts=rl_prompts,
     )
     _check_run_dir(job)
     return job
+
+
+def _rl_prompts(cfg: TrainConfig, prompts: int) -> int:
+    """--rl-prompts resolved against the number of training prompts."""
+    from trainer.config import VBON_RL_PROMPTS
+
+    if cfg.rl_prompts is None:
+        if cfg.method != "vbon" or not cfg.warm_start_epochs:
+            return 0
+        k = min(VBON_RL_PROMPTS, prompts // 4)
+        return k if k >= cfg.prompts_per_step else 0
+    if cfg.rl_prompts and not cfg.prompts_per_step <= cfg.rl_prompts < prompts:
+        raise ConfigError(
+            f"--rl-prompts {cfg.rl_prompts} with {prompts} training prompts: it must be at "
+            f"least --prompts-per-step ({cfg.prompts_per_step}) and leave the warm start at "
+            "least one prompt; change --rl-prompts (0: both stages use every prompt)"
+        )
+    return cfg.rl_prompts
 
 
 def _check_writable(folder: Path, what: str) -> None:
@@ -300,15 +321,16 @@ def lora_config(cfg: TrainConfig):
 
 
 def rl_dataset(job: Job, tok: Any, rows: list[ReferenceRow] | None):
-    """One row per training prompt: the rendered chat text (exactly what the gateway sends to
+    """One row per RL prompt: the rendered chat text (exactly what the gateway sends to
     the engine), the opening (what the reward scores) and, for vbon, the sorted references."""
     from datasets import Dataset
 
     from vbon.prompts import render_task
 
+    openings = [r.prompt for r in rows] if rows is not None else job.openings
     data: dict[str, list] = {
-        "prompt": [render_task(tok, o) for o in job.openings],
-        "opening": list(job.openings),
+        "prompt": [render_task(tok, o) for o in openings],
+        "opening": list(openings),
     }
     if rows is not None:
         data["ref_rewards"] = [r.sorted_rewards for r in rows]
@@ -558,7 +580,8 @@ def warm_start_stage(job: Job, rows: list[ReferenceRow]) -> Path:
     if cfg.resume and (folder / "adapter_config.json").is_file():
         logger.info("warm start: reusing %s", folder)
         return folder
-    logger.info("warm start: %.3g epochs of BoN-%d SFT", cfg.warm_start_epochs, cfg.n)
+    logger.info("warm start: %.3g epochs of BoN-%d SFT on %d prompts (%d left for RL)",
+                cfg.warm_start_epochs, cfg.n, len(rows), job.rl_prompts)
     scratch = cfg.run_dir / f"{WARM_START}-checkpoints"
     trainer, _ = build_sft_trainer(
         job, rows, epochs=cfg.warm_start_epochs, output_dir=scratch, save_checkpoints=False
@@ -582,7 +605,9 @@ def train_stage(job: Job, rows: list[ReferenceRow] | None):
         init = None
         if job.cfg.warm_start_epochs > 0:
             assert rows is not None
-            init = warm_start_stage(job, rows)
+            k = job.rl_prompts
+            init = warm_start_stage(job, rows[:-k] if k else rows)
+            rows = rows[-k:] if k else rows
             set_seed(job.cfg.seed)
         trainer, callback = build_rloo_trainer(job, rows, init_adapter=init)
     _drop_default_progress(trainer)
@@ -647,7 +672,8 @@ def publish_stage(job: Job, trainer: Any, callback: Any, rows: list[ReferenceRow
             created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         )
         write_json_atomic(tmp / "vbon.json", meta.model_dump(mode="json"))
-        write_json_atomic(tmp / "train_config.json", cfg.to_dict())
+        resolved = {**cfg.to_dict(), "rl_prompts": job.rl_prompts}
+        write_json_atomic(tmp / "train_config.json", resolved)
         if cfg.evaluate:
             metrics.update(_evaluate(job, tmp))
             meta.metrics = metrics
