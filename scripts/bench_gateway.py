@@ -6,7 +6,10 @@ Measures, side by side in one run on this machine:
      from the CPU flags);
   2. the gateway's own cost: BoN-N latency (one request at a time) and saturated answers/s
      through the gateway over HTTP against the same AsyncLLM engine called directly, with the
-     same seeded sampling parameters (so both generate the same tokens);
+     same seeded sampling parameters (so both generate the same tokens). The gateway app runs
+     in this process (uvicorn on loopback, this event loop) so both paths use one engine;
+     each measurement is a pair run back to back (order alternated), and the overhead is the
+     median of the pairs' ratios, which cancels this machine's drift between minutes;
   3. the LoRA cost: a vBoN sample through its adapter against a base-model sample.
 
 Writes JSON, a markdown table and a PNG plot to --out. Usage:
@@ -395,12 +398,16 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="fewer repetitions (a few minutes)")
     p.add_argument("--skip-engine-config", action="store_true")
     p.add_argument("--skip-gateway", action="store_true")
+    p.add_argument("--reps", type=int, help="latency pairs per N (default 12; --quick 4)")
+    p.add_argument("--blocks", type=int, help="saturated block pairs per N (default 4; --quick 2)")
+    p.add_argument("--engine-rounds", type=int, help="engine configuration rounds (default 2; "
+                   "--quick 1)")
     args = p.parse_args()
     args.ns = [1, 4, 8, 16]
     args.sat_ns = [1, 8] if args.quick else [1, 4, 8, 16]
-    args.reps = 4 if args.quick else 12
-    args.blocks = 2 if args.quick else 6
-    args.engine_rounds = 1 if args.quick else 3
+    args.reps = args.reps or (4 if args.quick else 12)
+    args.blocks = args.blocks or (2 if args.quick else 4)
+    args.engine_rounds = args.engine_rounds or (1 if args.quick else 2)
     args.concurrency = 16
     args.sat_answers = 32 if args.quick else 64
     out = Path(args.out)
@@ -412,7 +419,7 @@ def main() -> None:
         f"{time.strftime('%Y-%m-%d %H:%M')}"
     }
     if not args.skip_engine_config:
-        prompts = 32 if args.quick else 64
+        prompts = 32
         configs = {
             "vLLM default (1 core reserved)": {"cpu_threads": "auto", "cpu_preload": False},
             "vbon default (both cores + preloads)": {},
