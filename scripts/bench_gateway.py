@@ -276,14 +276,10 @@ async def gateway_vs_direct(args: argparse.Namespace, results: dict, adapter_dir
             results["saturation"] = sat
             # LoRA cost: one vBoN sample vs one base sample, at saturation, direct engine.
             total = args.sat_answers
-            base = await saturate(
-                lambda i: direct_bon(engine, tok, i, 1, i), args.concurrency, total
-            )
-            lo = await saturate(
-                lambda i: direct_bon(engine, tok, i, 1, i, lora), args.concurrency, total
-            )
+            base = await saturate(per_answer(direct_bon, engine, tok, n=1), conc, total)
+            lo = await saturate(per_answer(direct_bon, engine, tok, n=1, lora=lora), conc, total)
             gv = await saturate(
-                lambda i: gateway_bon(client, i, 1, i, "/v1/vbon"), args.concurrency, total
+                per_answer(gateway_bon, client, n=1, route="/v1/vbon"), conc, total
             )
             results["lora"] = {
                 "base_answers_per_s": base,
