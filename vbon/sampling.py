@@ -49,8 +49,9 @@ def vllm_params(
     """vLLM SamplingParams for `n` samples.
 
     Seeds: with `s.seed` set, vLLM gives sample i of an n>1 request the seed `seed + i`
-    (vllm/v1/engine/parallel_sampling.py), so one request with n=N reproduces exactly and
-    candidate i can be replayed alone with n=1, seed=seed+i.
+    (vllm/v1/engine/parallel_sampling.py), so one request with n=N reproduces and candidate i
+    can be replayed with n=1, seed=seed+i. Exactly so in float32; in bf16 a replay decoded in
+    a batch of another size can round a near-tied token the other way and diverge from there.
     """
     from vllm import SamplingParams
 
