@@ -1,9 +1,10 @@
 """trainer/sft.py: the completion-only SFT loss equals the plain full-logits cross-entropy (value
 and LoRA gradients) on the embedded model with a random LoRA, with prompts of different lengths
-and right padding."""
+and right padding; the --sft-kl-coef term equals the full-logits KL to the base."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -42,7 +43,8 @@ def test_completion_only_loss_matches_the_full_logits_loss(embedded_model: Path)
     for path in ("ours", "full"):
         model.zero_grad()
         if path == "ours":
-            nll, count = completion_nll_sum(model, ids, mask, labels)
+            nll, count, kl = completion_nll_sum(model, ids, mask, labels)
+            assert kl is None
             loss = nll / count
         else:
             logits = model(input_ids=ids, attention_mask=mask).logits
@@ -59,3 +61,26 @@ def test_completion_only_loss_matches_the_full_logits_loss(embedded_model: Path)
     assert go.keys() == gf.keys() and len(go) == 2 * 2 * 30  # A and B of 2 modules x 30 layers
     for n in go:
         torch.testing.assert_close(go[n], gf[n], atol=1e-5, rtol=1e-3)
+
+
+def test_kl_term_matches_the_full_logits_kl_to_the_base(embedded_model: Path) -> None:
+    from trainer.sft import completion_nll_sum
+
+    model = _lora_model(embedded_model)
+    ids, mask, labels = _batch()
+    _, count, kl = completion_nll_sum(model, ids, mask, labels, model.disable_adapter)
+    kl.backward()
+    grads = [p.grad for n, p in model.named_parameters() if "lora_" in n]
+    assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1], -1)
+        with model.disable_adapter():
+            base = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1], -1)
+    per_position = (logp.exp() * (logp - base)).sum(-1)
+    expected = (per_position * (labels[:, 1:] != -100)).sum()
+    assert float(expected) > 0.01  # the random adapter moved the model
+    torch.testing.assert_close(kl.detach(), expected, atol=1e-4, rtol=1e-4)
+    # The base against itself: no KL.
+    with model.disable_adapter():
+        _, _, zero = completion_nll_sum(model, ids, mask, labels, contextlib.nullcontext)
+    assert abs(float(zero)) < 1e-5

@@ -164,6 +164,15 @@ class TrainConfig:
             "at 5e-5, for about the same share of BoN-N's gain per nat (docs/trainer.md)."
         },
     )
+    sft_kl_coef: float = field(
+        default=0.0,
+        metadata={
+            "help": "BoN-SFT (bon-sft and vbon's warm start): weight of the exact per-token "
+            "KL(pi || pi_base) over the vocabulary at the completion positions, added to the "
+            "per-token NLL of the BoN samples. It pulls back the drift that fitting a few "
+            "samples per prompt adds beyond the tilt toward higher reward. 0: plain SFT."
+        },
+    )
     warm_start_epochs: float | None = field(
         default=None,
         metadata={
@@ -321,6 +330,8 @@ class TrainConfig:
             )
         if self.sft_learning_rate <= 0:
             errors.append(f"--sft-learning-rate must be > 0, got {self.sft_learning_rate}")
+        if self.sft_kl_coef < 0:
+            errors.append(f"--sft-kl-coef must be >= 0 (0: no KL term), got {self.sft_kl_coef}")
         if self.warm_start_epochs < 0:
             errors.append(f"--warm-start-epochs must be >= 0, got {self.warm_start_epochs}")
         elif self.warm_start_epochs > 0 and self.method != "vbon":

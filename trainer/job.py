@@ -563,6 +563,7 @@ def build_sft_trainer(
         peft_config=lora_config(cfg),
         callbacks=[callback],
     )
+    trainer.kl_coef = cfg.sft_kl_coef
     return trainer, callback
 
 

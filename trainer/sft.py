@@ -11,6 +11,9 @@ examples on the embedded model went from ~11.8 s to ~7.5 s (docs/trainer.md).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
+
 import torch
 
 
@@ -19,22 +22,31 @@ def completion_nll_sum(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
     labels: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed negative log-likelihood of the labelled tokens (label != -100) and their count."""
+    base_context: Callable[[], contextlib.AbstractContextManager] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Summed negative log-likelihood of the labelled tokens (label != -100), their count and,
+    with `base_context` (the LoRA adapter disabled), the summed exact KL(pi || pi_base) over
+    the vocabulary at the same positions (gradient through pi only)."""
     width = labels.size(1)
     # The first position labelled in any row; the logit at t predicts token t + 1.
     columns = (labels != -100).any(dim=0).nonzero()
     first = max(int(columns[0]), 1) if len(columns) else width - 1
     keep = width - first + 1
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
+
+    def log_softmax() -> torch.Tensor:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep)
+        return torch.log_softmax(out.logits[:, :-1].float(), dim=-1)
+
+    logp = log_softmax()
     targets = labels[:, first:]
-    nll = torch.nn.functional.cross_entropy(
-        logits[:, :-1].float().reshape(-1, logits.size(-1)),
-        targets.reshape(-1),
-        ignore_index=-100,
-        reduction="sum",
-    )
-    return nll, (targets != -100).sum()
+    labelled = targets != -100
+    nll = -(logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * labelled).sum()
+    kl = None
+    if base_context is not None:
+        with torch.no_grad(), base_context():
+            base_logp = log_softmax()
+        kl = ((logp.exp() * (logp - base_logp)).sum(-1) * labelled).sum()
+    return nll, labelled.sum(), kl
 
 
 def sft_trainer_class() -> type:
@@ -43,13 +55,22 @@ def sft_trainer_class() -> type:
     from trl import SFTTrainer
 
     class CompletionSFTTrainer(SFTTrainer):
+        kl_coef: float = 0.0  # --sft-kl-coef, set by the job
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            nll, count = completion_nll_sum(
-                model, inputs["input_ids"], inputs.get("attention_mask"), inputs["labels"]
+            base = None
+            if self.kl_coef > 0:
+                base = self.accelerator.unwrap_model(model).disable_adapter
+            nll, count, kl = completion_nll_sum(
+                model, inputs["input_ids"], inputs.get("attention_mask"), inputs["labels"], base
             )
             # Trainer passes the token count of the whole (accumulated) batch, as TRL divides.
             denom = count if num_items_in_batch is None else num_items_in_batch
-            loss = nll / torch.as_tensor(denom, device=nll.device).clamp(min=1)
+            denom = torch.as_tensor(denom, device=nll.device).clamp(min=1)
+            loss = nll / denom
+            if kl is not None:
+                loss = loss + self.kl_coef * kl / denom
+                self._metrics["train"]["token_kl"].append((kl / count.clamp(min=1)).item())
             return (loss, None) if return_outputs else loss
 
     return CompletionSFTTrainer
