@@ -129,11 +129,18 @@ def test_baselines_and_exact_objective(reference_file: Path, tmp_path: Path, tin
     assert lora_b_norm(tmp_path / "adapters" / "klrl") > 0
 
     assert (
-        main(tiny(reference_file, tmp_path, "sft", "--method", "bon-sft", "--sft-epochs", "1")) == 0
+        main(
+            tiny(reference_file, tmp_path, "sft", "--method", "bon-sft", "--sft-epochs", "1",
+                 "--sft-kl-coef", "0.5")
+        )
+        == 0
     )
     meta = validate_adapter(tmp_path / "adapters" / "sft")
     assert meta.method == "bon-sft" and meta.n == 4 and meta.steps >= 1
     assert lora_b_norm(tmp_path / "adapters" / "sft") > 0
+    with (tmp_path / "adapters" / "sft" / "curves.csv").open() as fh:
+        kls = [float(r["sft_token_kl"]) for r in csv.DictReader(fh)]
+    assert kls and all(k >= 0 for k in kls) and kls[-1] > 0  # the KL term ran and was logged
 
     assert (
         main(tiny(reference_file, tmp_path, "exact", "--objective", "exact", "--steps", "2")) == 0

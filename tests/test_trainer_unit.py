@@ -67,6 +67,7 @@ def test_rl_prompts_default_to_a_held_back_slice_of_the_training_prompts() -> No
         (["--output", "adapters/bad name"], "adapter name"),
         (["--warm-start-epochs", "-1"], "--warm-start-epochs must be >= 0"),
         (["--sft-learning-rate", "0"], "--sft-learning-rate must be > 0"),
+        (["--sft-kl-coef", "-1"], "--sft-kl-coef must be >= 0"),
         (["--rl-prompts", "-1"], "--rl-prompts must be >= 0"),
         (["--rl-prompts", "8", "--warm-start-epochs", "0"], "needs --method vbon and --warm"),
         (["--method", "kl-rl", "--beta", "0.1", "--warm-start-epochs", "1"], "vbon only"),

@@ -15,6 +15,7 @@ COLUMNS = {
     "reward": "train_reward",  # what the optimiser saw (log F-hat, exact or raw)
     "kl_seq": "kl_seq",
     "kl": "kl_token",
+    "token_kl": "sft_token_kl",  # --sft-kl-coef: per-token KL on the BoN-SFT batches
     "completions/mean_length": "completion_len",
     "loss": "loss",
     "grad_norm": "grad_norm",
@@ -58,6 +59,8 @@ def plot_curves(rows: list[dict], path: Path) -> None:
     ]
     if not any(r.get("kl_seq") != "" for r in rows):
         panels = [("loss", "loss")]
+        if any(r.get("sft_token_kl") != "" for r in rows):
+            panels.append(("sft_token_kl", "KL to base per token"))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
     for ax, (key, label) in zip(axes[0], panels, strict=True):
         pts = [(r["step"], float(r[key])) for r in rows if r.get(key) not in ("", None)]
