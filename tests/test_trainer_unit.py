@@ -35,6 +35,10 @@ def test_defaults_are_vbon_8() -> None:
     assert cfg.kl_stop == pytest.approx(0.9 * kl_bound(8))
     assert cfg.warm_start_epochs == 3.0 and cfg.num_prompts == 0 and cfg.eval_num_prompts == 0
     assert cfg.rl_prompts is None and cfg.sft_learning_rate == 1e-4  # rl_prompts: per run
+    assert cfg.steps == 8  # RL steps after the warm start
+    assert parse_config(["--warm-start-epochs", "0"]).steps == 128
+    assert parse_config(["--method", "kl-rl", "--beta", "0.1"]).steps == 128
+    assert parse_config(["--steps", "5"]).steps == 5
     # The warm start is vbon's default only: the baselines get none, and no error.
     assert parse_config(["--method", "kl-rl", "--beta", "0.1"]).warm_start_epochs == 0.0
     assert parse_config(["--method", "bon-sft"]).warm_start_epochs == 0.0
