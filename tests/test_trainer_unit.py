@@ -35,7 +35,7 @@ def test_defaults_are_vbon_8() -> None:
     assert cfg.kl_stop == pytest.approx(0.9 * kl_bound(8))
     assert cfg.warm_start_epochs == 3.0 and cfg.num_prompts == 0 and cfg.eval_num_prompts == 0
     assert cfg.rl_prompts is None and cfg.sft_learning_rate == 1e-4  # rl_prompts: per run
-    assert cfg.steps == 8  # RL steps after the warm start
+    assert cfg.steps == 6  # RL steps after the warm start
     assert parse_config(["--warm-start-epochs", "0"]).steps == 128
     assert parse_config(["--method", "kl-rl", "--beta", "0.1"]).steps == 128
     assert parse_config(["--steps", "5"]).steps == 5

@@ -26,7 +26,7 @@ ROLLOUTS = ("vllm", "transformers")
 KL_PENALTIES = ("sequence", "token")
 VBON_WARM_START_EPOCHS = 3.0
 VBON_RL_PROMPTS = 96  # 24 RL steps of 4 prompts before one repeats (X stopped at 15)
-VBON_WARM_RL_STEPS = 8  # run W: 51 % at 1.06 nats; X: 0.96 nats at step 6, 1.29 at step 9
+VBON_WARM_RL_STEPS = 6  # held-out KL: X 0.96 at step 6, 1.29 at 9; AA 1.26 at 8 (bound 1.20)
 VBON_KL_STOP_FRACTION = 0.9  # of BoN-N's bound: the 5-step window lags a KL rising ~0.05/step
 
 
@@ -113,8 +113,8 @@ class TrainConfig:
         metadata={
             "help": "RL optimizer steps (bon-sft: see --sft-epochs). Default: "
             f"{VBON_WARM_RL_STEPS} after vbon's warm start (on this CPU the held-out KL rose "
-            "~0.05 nats per RL step from the warm start's ~0.9 and passed BoN-8's bound after "
-            "~8; the training batches' KL, which --max-kl reads, did not show it), else 128 "
+            "~0.05 nats per RL step from the warm start's ~0.9 and passed BoN-8's bound by "
+            "step 8; the training batches' KL, which --max-kl reads, lagged it), else 128 "
             "(the early stops below usually end a CPU run first)."
         },
     )
