@@ -26,6 +26,7 @@ ROLLOUTS = ("vllm", "transformers")
 KL_PENALTIES = ("sequence", "token")
 VBON_WARM_START_EPOCHS = 3.0
 VBON_RL_PROMPTS = 96  # 24 RL steps of 4 prompts before one repeats (X stopped at 15)
+DEFAULT_STEPS = 128
 VBON_WARM_RL_STEPS = 6  # held-out KL: X 0.96 at step 6, 1.29 at 9; AA 1.26 at 8 (bound 1.20)
 VBON_KL_STOP_FRACTION = 0.9  # of BoN-N's bound: the 5-step window lags a KL rising ~0.05/step
 
@@ -114,8 +115,8 @@ class TrainConfig:
             "help": "RL optimizer steps (bon-sft: see --sft-epochs). Default: "
             f"{VBON_WARM_RL_STEPS} after vbon's warm start (on this CPU the held-out KL rose "
             "~0.05 nats per RL step from the warm start's ~0.9 and passed BoN-8's bound by "
-            "step 8; the training batches' KL, which --max-kl reads, lagged it), else 128 "
-            "(the early stops below usually end a CPU run first)."
+            "step 8; the training batches' KL, which --max-kl reads, lagged it), else "
+            f"{DEFAULT_STEPS} (the early stops below usually end a CPU run first)."
         },
     )
     prompts_per_step: int = field(default=4, metadata={"help": "Prompts per optimizer step."})
@@ -296,7 +297,7 @@ class TrainConfig:
             self.warm_start_epochs = VBON_WARM_START_EPOCHS if self.method == "vbon" else 0.0
         if self.steps is None:
             warm = self.method == "vbon" and self.warm_start_epochs > 0
-            self.steps = VBON_WARM_RL_STEPS if warm else 128
+            self.steps = VBON_WARM_RL_STEPS if warm else DEFAULT_STEPS
         if self.method not in METHODS:
             errors.append(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.objective not in OBJECTIVES:

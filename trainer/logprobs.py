@@ -47,10 +47,10 @@ def completion_logprobs(
     return out
 
 
-def _completion_log_softmax(
+def completion_log_softmax(
     model: torch.nn.Module,
     ids: torch.Tensor,
-    mask: torch.Tensor,
+    mask: torch.Tensor | None,
     logits_to_keep: int,
     temperature: float,
 ) -> torch.Tensor:
@@ -79,7 +79,7 @@ def completion_logps_and_entropies(
     for start in range(0, input_ids.size(0), batch_size):
         ids = input_ids[start : start + batch_size]
         mask = attention_mask[start : start + batch_size]
-        logp_all = _completion_log_softmax(model, ids, mask, logits_to_keep, temperature)
+        logp_all = completion_log_softmax(model, ids, mask, logits_to_keep, temperature)
         target = ids[:, -logits_to_keep:]
         logps.append(logp_all.gather(-1, target.unsqueeze(-1)).squeeze(-1))
         if compute_entropy:
@@ -112,8 +112,8 @@ def completion_logps_and_token_kl(
         ids = input_ids[start : start + batch_size]
         mask = attention_mask[start : start + batch_size]
         with torch.no_grad(), base_context():
-            base_logp = _completion_log_softmax(model, ids, mask, logits_to_keep, temperature)
-        logp_all = _completion_log_softmax(model, ids, mask, logits_to_keep, temperature)
+            base_logp = completion_log_softmax(model, ids, mask, logits_to_keep, temperature)
+        logp_all = completion_log_softmax(model, ids, mask, logits_to_keep, temperature)
         target = ids[:, -logits_to_keep:].unsqueeze(-1)
         logps.append(logp_all.gather(-1, target).squeeze(-1))
         base_logps.append(base_logp.gather(-1, target).squeeze(-1))

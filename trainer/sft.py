@@ -16,6 +16,8 @@ from collections.abc import Callable
 
 import torch
 
+from trainer.logprobs import completion_log_softmax
+
 
 def completion_nll_sum(
     model: torch.nn.Module,
@@ -31,11 +33,10 @@ def completion_nll_sum(
     # The first position labelled in any row; the logit at t predicts token t + 1.
     columns = (labels != -100).any(dim=0).nonzero()
     first = max(int(columns[0]), 1) if len(columns) else width - 1
-    keep = width - first + 1
+    scored = width - first
 
     def log_softmax() -> torch.Tensor:
-        out = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep)
-        return torch.log_softmax(out.logits[:, :-1].float(), dim=-1)
+        return completion_log_softmax(model, input_ids, attention_mask, scored, temperature=1.0)
 
     logp = log_softmax()
     targets = labels[:, first:]
@@ -70,7 +71,8 @@ def sft_trainer_class() -> type:
             loss = nll / denom
             if kl is not None:
                 loss = loss + self.kl_coef * kl / denom
-                self._metrics["train"]["token_kl"].append((kl / count.clamp(min=1)).item())
+                mode = "train" if model.training else "eval"  # TRL's metrics keys
+                self._metrics[mode]["token_kl"].append((kl / count.clamp(min=1)).item())
             return (loss, None) if return_outputs else loss
 
     return CompletionSFTTrainer
