@@ -150,7 +150,10 @@ def test_baselines_and_exact_objective(reference_file: Path, tmp_path: Path, tin
 
 
 def test_warm_start_trains_bon_sft_then_rl_from_it(
-    reference_file: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    reference_file: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture,
 ) -> None:
     args = tiny(
         reference_file, tmp_path, "warm", "--warm-start-epochs", "3", "--steps", "1",
@@ -176,6 +179,30 @@ def test_warm_start_trains_bon_sft_then_rl_from_it(
     assert abs(float(step1["kl_seq"])) > 1e-6
     assert validate_adapter(out).method == "vbon"
     assert not (tmp_path / "runs" / "warm" / "warm-start-checkpoints").exists()
+
+    # --warm-start-from: another RL recipe from the same warm start, which it does not retrain.
+    warm_dir = tmp_path / "runs" / "warm" / "warm-start"
+    caplog.clear()
+    reuse = tiny(
+        reference_file, tmp_path, "reuse", "--warm-start-epochs", "3", "--steps", "1",
+        "--rl-prompts", "2", "--warm-start-from", str(warm_dir), "--seed", "1",
+    )  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="trainer"):
+        assert main(reuse) == 0
+    assert f"warm start: taken from {warm_dir}" in caplog.text
+    assert "epochs of BoN" not in caplog.text
+    assert not (tmp_path / "runs" / "reuse" / "warm-start").exists()
+    again = lora_b(tmp_path / "adapters" / "reuse")
+    moved = sum(float((again[k] - warm[k]).norm()) for k in warm)
+    assert 0 < moved < 0.5 * warm_norm  # it started from the given warm start
+    # A warm start of another LoRA layout is refused before any work.
+    bad = [*tiny(reference_file, tmp_path, "bad", "--warm-start-epochs", "3",
+                 "--warm-start-from", str(warm_dir))]
+    bad[bad.index("--lora-rank") + 1] = "8"
+    capsys.readouterr()
+    assert main(bad) == 2
+    assert "has r 4 (this run: 8)" in capsys.readouterr().err
+    assert not (tmp_path / "adapters" / "bad").exists()
 
 
 def test_kill_and_resume(

@@ -75,6 +75,8 @@ def test_rl_prompts_default_to_a_held_back_slice_of_the_training_prompts() -> No
         (["--rl-prompts", "-1"], "--rl-prompts must be >= 0"),
         (["--rl-prompts", "8", "--warm-start-epochs", "0"], "needs --method vbon and --warm"),
         (["--method", "kl-rl", "--beta", "0.1", "--warm-start-epochs", "1"], "vbon only"),
+        (["--warm-start-from", "w", "--warm-start-epochs", "0"], "replaces vbon's warm start"),
+        (["--method", "bon-sft", "--warm-start-from", "w"], "needs --method vbon"),
     ],
 )
 def test_bad_settings_say_how_to_fix(argv: list[str], needle: str) -> None:

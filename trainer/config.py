@@ -191,6 +191,16 @@ class TrainConfig:
             "than RL, docs/trainer.md); 0: RL from the base."
         },
     )
+    warm_start_from: str = field(
+        default="",
+        metadata={
+            "help": "vbon with a warm start: take this finished warm-start adapter (an earlier "
+            "run's runs/<name>/warm-start, or a bon-sft adapter) instead of training one, so "
+            "several RL recipes can start from one warm start. Its LoRA rank, alpha and target "
+            "modules must match this run's; the RL stage still trains on the last "
+            "--rl-prompts prompts, which should be those the warm start left out."
+        },
+    )
     rl_prompts: int | None = field(
         default=None,
         metadata={
@@ -349,6 +359,11 @@ class TrainConfig:
             errors.append(
                 "--warm-start-epochs applies to --method vbon only (bon-sft is the warm start "
                 "alone; kl-rl has no reference samples)"
+            )
+        if self.warm_start_from and not (self.method == "vbon" and self.warm_start_epochs > 0):
+            errors.append(
+                "--warm-start-from replaces vbon's warm start: it needs --method vbon and "
+                "--warm-start-epochs > 0 (to start RL from the base, leave it out)"
             )
         if self.method == "bon-sft" and self.objective != "bound":
             errors.append("--objective applies to --method vbon only")

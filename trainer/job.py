@@ -148,6 +148,8 @@ def prepare(cfg: TrainConfig) -> Job:
             "give more prompts or lower --prompts-per-step"
         )
     rl_prompts = _rl_prompts(cfg, len(openings))
+    if cfg.warm_start_from:
+        _check_warm_start_from(cfg)
     reward = load_reward(cfg.reward)
     eval_openings: list[str] = []
     if cfg.evaluate:
@@ -186,6 +188,40 @@ def _rl_prompts(cfg: TrainConfig, prompts: int) -> int:
             "least one prompt; change --rl-prompts (0: both stages use every prompt)"
         )
     return cfg.rl_prompts
+
+
+def _check_warm_start_from(cfg: TrainConfig) -> None:
+    """--warm-start-from must be a LoRA adapter whose weights fit this run's LoRA layout."""
+    folder = Path(cfg.warm_start_from)
+    config_file, weights = folder / "adapter_config.json", folder / "adapter_model.safetensors"
+    if not (config_file.is_file() and weights.is_file()):
+        raise ConfigError(
+            f"--warm-start-from '{folder}': not a peft adapter folder (needs "
+            "adapter_config.json and adapter_model.safetensors)"
+        )
+    try:
+        saved = json.loads(config_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"--warm-start-from '{folder}': unreadable adapter_config.json ({exc})"
+        ) from exc
+    targets = {t.strip() for t in cfg.lora_targets.split(",") if t.strip()}
+    mismatches = [
+        f"{what} {theirs!r} (this run: {ours!r})"
+        for what, theirs, ours in (
+            ("peft_type", saved.get("peft_type"), "LORA"),
+            ("r", saved.get("r"), cfg.lora_rank),
+            ("lora_alpha", saved.get("lora_alpha"), cfg.lora_alpha),
+            ("target_modules", sorted(saved.get("target_modules") or []), sorted(targets)),
+        )
+        if theirs != ours
+    ]
+    if mismatches:
+        raise ConfigError(
+            f"--warm-start-from '{folder}' has " + "; ".join(mismatches)
+            + ": pass the matching --lora-rank/--lora-alpha/--lora-targets, or train the warm "
+            "start in this run (leave --warm-start-from out)"
+        )
 
 
 def _check_writable(folder: Path, what: str) -> None:
@@ -575,6 +611,9 @@ def warm_start_stage(job: Job, rows: list[ReferenceRow]) -> Path:
     from vbon.adapters import staged_folder
 
     cfg = job.cfg
+    if cfg.warm_start_from:
+        logger.info("warm start: taken from %s", cfg.warm_start_from)
+        return Path(cfg.warm_start_from)
     folder = cfg.run_dir / WARM_START
     if cfg.resume and (folder / "adapter_config.json").is_file():
         logger.info("warm start: reusing %s", folder)
