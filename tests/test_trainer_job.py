@@ -205,6 +205,47 @@ def test_warm_start_trains_bon_sft_then_rl_from_it(
     assert not (tmp_path / "adapters" / "bad").exists()
 
 
+def test_advantage_warm_start_trains(
+    reference_file: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    args = tiny(
+        reference_file, tmp_path, "adv", "--warm-start-epochs", "2", "--steps", "1",
+        "--rl-prompts", "2", "--warm-start-loss", "advantage",
+    )  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="trainer"):
+        assert main(args) == 0
+    assert "2 epochs of advantage-weighted reference samples on 2 prompts" in caplog.text
+    assert lora_b_norm(tmp_path / "runs" / "adv" / "warm-start") > 0
+    assert validate_adapter(tmp_path / "adapters" / "adv").method == "vbon"
+
+
+def test_advantage_dataset_weights_the_samples_above_the_mean(embedded_model: Path) -> None:
+    """Weight = log F-hat(r) - the prompt's mean log F-hat, for the samples above the mean."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from trainer.job import advantage_dataset
+    from trainer.reference import ReferenceRow
+    from vbon.bon import log_cdf_hat
+    from vbon.sampling import Sampling
+
+    tok = AutoTokenizer.from_pretrained(embedded_model)
+    texts, rewards = [" Awful.", " Superb!", " Fine.", " Good."], [-0.5, 0.9, 0.1, 0.4]
+    job = SimpleNamespace(cfg=SimpleNamespace(seed=0), sampling=Sampling(max_tokens=16))
+    data = advantage_dataset(job, tok, [ReferenceRow("The film", texts, rewards)], rounds=3)
+    log_f = [log_cdf_hat(sorted(rewards), r) for r in rewards]
+    advantage = {t: lf - sum(log_f) / 4 for t, lf in zip(texts, log_f, strict=True)}
+    assert advantage[" Superb!"] > advantage[" Good."] > 0 > advantage[" Fine."]
+    n_prompt = sum(1 for m in data[0]["completion_mask"] if m == 0)
+    seen = []
+    for ex in data:
+        text = tok.decode(ex["input_ids"][n_prompt:]).removesuffix(tok.eos_token)
+        assert ex["weight"] == pytest.approx(advantage[text])
+        seen.append(text)
+    assert sorted(seen) == sorted([" Superb!", " Good."] * 3)  # once per round
+
+
 def test_kill_and_resume(
     reference_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture, figures
 ) -> None:

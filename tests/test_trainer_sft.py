@@ -84,3 +84,31 @@ def test_kl_term_matches_the_full_logits_kl_to_the_base(embedded_model: Path) ->
     with model.disable_adapter():
         _, _, zero = completion_nll_sum(model, ids, mask, labels, contextlib.nullcontext)
     assert abs(float(zero)) < 1e-5
+
+
+def test_weights_scale_each_rows_loss(embedded_model: Path) -> None:
+    """--warm-start-loss advantage: each row's NLL times its weight (negative ones included),
+    and TRL's collator with ours passes each example's weight beside its own row."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from trainer.sft import completion_nll_sum, weighted_collator
+
+    model = _lora_model(embedded_model)
+    ids, mask, labels = _batch()
+    with torch.no_grad():
+        rows = [completion_nll_sum(model, ids[i : i + 1], mask[i : i + 1], labels[i : i + 1])[0]
+                for i in range(3)]
+        weights = torch.tensor([0.5, -1.25, 2.0])
+        weighted, count, _ = completion_nll_sum(model, ids, mask, labels, weights=weights)
+    assert int(count) == 25
+    expected = sum(w * r for w, r in zip(weights, rows, strict=True))
+    torch.testing.assert_close(weighted, expected, atol=1e-4, rtol=1e-4)
+
+    collate = weighted_collator(DataCollatorForLanguageModeling(pad_token_id=0))
+    examples = [  # as SFTTrainer's prepared dataset holds them: labels from completion_mask
+        {"input_ids": [5, 6, 7, 8], "labels": [-100, -100, 7, 8], "weight": 0.5},
+        {"input_ids": [5, 9], "labels": [-100, 9], "weight": -2.0},
+    ]
+    batch = collate(examples)
+    assert batch["weights"].tolist() == [0.5, -2.0]
+    assert batch["labels"].tolist() == [[-100, -100, 7, 8], [-100, 9, -100, -100]]

@@ -85,6 +85,14 @@ def test_bad_settings_say_how_to_fix(argv: list[str], needle: str) -> None:
     assert needle in str(err.value)
 
 
+def test_warm_start_loss_is_checked(tmp_path: Path) -> None:
+    assert parse_config([]).warm_start_loss == "bon-sft"
+    bad = tmp_path / "c.json"
+    bad.write_text(json.dumps({"warm_start_loss": "dpo"}))  # files skip argparse's choices
+    with pytest.raises(ConfigError, match="--warm-start-loss must be one of bon-sft, advantage"):
+        parse_config(["--config", str(bad)])
+
+
 def test_kl_penalty_defaults_to_sequence_and_is_checked(tmp_path: Path) -> None:
     assert parse_config([]).kl_penalty == "sequence"
     assert parse_config(["--kl-penalty", "token"]).kl_penalty == "token"

@@ -24,6 +24,7 @@ OBJECTIVES = ("bound", "exact")
 DTYPES = ("auto", "float32", "bfloat16")
 ROLLOUTS = ("vllm", "transformers")
 KL_PENALTIES = ("sequence", "token")
+WARM_START_LOSSES = ("bon-sft", "advantage")
 VBON_WARM_START_EPOCHS = 3.0
 VBON_RL_PROMPTS = 96  # 24 RL steps of 4 prompts before one repeats (X stopped at 15)
 DEFAULT_STEPS = 128
@@ -189,6 +190,16 @@ class TrainConfig:
             "starts from that adapter; the KL is still to the base model. Default for vbon: "
             f"{VBON_WARM_START_EPOCHS:g} (on this CPU BoN-SFT bought ~2.5x more reward per nat "
             "than RL, docs/trainer.md); 0: RL from the base."
+        },
+    )
+    warm_start_loss: str = field(
+        default="bon-sft",
+        metadata={
+            "help": "vbon's warm start: 'bon-sft' fits the best of each group of N reference "
+            "samples (BoN-N's samples); 'advantage' fits every reference sample whose log "
+            "F-hat(r) is above its prompt's mean, weighted by how far above (about linear in "
+            "the reward's rank, where BoN-SFT's weight sits on the winners).",
+            "choices": WARM_START_LOSSES,
         },
     )
     warm_start_from: str = field(
@@ -359,6 +370,11 @@ class TrainConfig:
             errors.append(
                 "--warm-start-epochs applies to --method vbon only (bon-sft is the warm start "
                 "alone; kl-rl has no reference samples)"
+            )
+        if self.warm_start_loss not in WARM_START_LOSSES:
+            errors.append(
+                f"--warm-start-loss must be one of {', '.join(WARM_START_LOSSES)}, "
+                f"got {self.warm_start_loss!r}"
             )
         if self.warm_start_from and not (self.method == "vbon" and self.warm_start_epochs > 0):
             errors.append(

@@ -546,6 +546,40 @@ def bon_sft_dataset(job: Job, tok: Any, rows: list[ReferenceRow], rounds: int = 
     return Dataset.from_dict({"input_ids": input_ids, "completion_mask": masks})
 
 
+def advantage_dataset(job: Job, tok: Any, rows: list[ReferenceRow], rounds: int = 1):
+    """--warm-start-loss advantage: per prompt, each reference sample whose log F-hat(r) lies
+    above the mean over the prompt's M (F-hat against the same M, as the RL stage's reward),
+    with weight A = log F-hat(r) - that mean, once per round. BoN-SFT's weight sits on each
+    group's winner (about F-hat^(N-1)), so the tilt it learns follows the top samples; A grows
+    about linearly with the reward's rank and gives weight to half the samples. The samples
+    below the mean are left out: with their negative weights the run diverged (161 nats of KL
+    after one epoch, docs/trainer.md). Same tokenization as bon_sft_dataset."""
+    from datasets import Dataset
+
+    from vbon.bon import log_cdf_hat
+    from vbon.prompts import render_task
+
+    max_tokens = job.sampling.max_tokens
+    input_ids, masks, weights = [], [], []
+    for row in rows:
+        prompt = render_task(tok, row.prompt)
+        prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        refs = row.sorted_rewards
+        log_f = [log_cdf_hat(refs, r) for r in row.rewards]
+        mean = sum(log_f) / len(log_f)
+        for i, lf in enumerate(log_f):
+            if lf <= mean:
+                continue
+            ids = completion_token_ids(tok, prompt, prompt_ids, row.responses[i])
+            if len(ids) < max_tokens:
+                ids = [*ids, tok.eos_token_id]
+            for _ in range(rounds):
+                input_ids.append(prompt_ids + ids)
+                masks.append([0] * len(prompt_ids) + [1] * len(ids))
+                weights.append(lf - mean)
+    return Dataset.from_dict({"input_ids": input_ids, "completion_mask": masks, "weight": weights})
+
+
 def completion_token_ids(tok: Any, prompt: str, prompt_ids: list[int], text: str) -> list[int]:
     """`text`'s tokens as they follow `prompt` (the prompt ends on a special token, so the
     boundary does not merge; a divergence would be a template change, hence the check)."""
@@ -569,7 +603,7 @@ def build_sft_trainer(
     from trl import SFTConfig
 
     from trainer.callbacks import JobCallback
-    from trainer.sft import sft_trainer_class
+    from trainer.sft import sft_trainer_class, weighted_collator
 
     cfg = job.cfg
     model, tok = load_policy(job)
@@ -577,7 +611,9 @@ def build_sft_trainer(
     # One round of groups per epoch; the trainer shuffles all rounds together, so a fractional
     # epoch count sees a random part of them.
     rounds = max(1, math.ceil(epochs))
-    data = bon_sft_dataset(job, tok, rows, rounds=rounds)
+    weighted = output_dir is not None and cfg.warm_start_loss == "advantage"
+    make_data = advantage_dataset if weighted else bon_sft_dataset
+    data = make_data(job, tok, rows, rounds=rounds)
     batch = cfg.prompts_per_step * cfg.completions_per_prompt
     steps = max(1, math.ceil(epochs * len(data) / rounds / batch))
     args = SFTConfig(
@@ -585,6 +621,8 @@ def build_sft_trainer(
         per_device_train_batch_size=batch,
         max_steps=steps,
         completion_only_loss=True,
+        # Keeps the advantage column (not a model input) for our collator.
+        remove_unused_columns=not weighted,
         **training_arguments(cfg, cfg.sft_learning_rate, checkpoints=save_checkpoints),
     )
     callback = JobCallback(
@@ -600,6 +638,8 @@ def build_sft_trainer(
         callbacks=[callback],
     )
     trainer.kl_coef = cfg.sft_kl_coef
+    if weighted:
+        trainer.data_collator = weighted_collator(trainer.data_collator)
     return trainer, callback
 
 
@@ -618,8 +658,10 @@ def warm_start_stage(job: Job, rows: list[ReferenceRow]) -> Path:
     if cfg.resume and (folder / "adapter_config.json").is_file():
         logger.info("warm start: reusing %s", folder)
         return folder
-    logger.info("warm start: %.3g epochs of BoN-%d SFT on %d prompts (%d left for RL)",
-                cfg.warm_start_epochs, cfg.n, len(rows), job.rl_prompts)
+    what = ("advantage-weighted reference samples" if cfg.warm_start_loss == "advantage"
+            else f"BoN-{cfg.n} SFT")
+    logger.info("warm start: %.3g epochs of %s on %d prompts (%d left for RL)",
+                cfg.warm_start_epochs, what, len(rows), job.rl_prompts)
     scratch = cfg.run_dir / f"{WARM_START}-checkpoints"
     trainer, _ = build_sft_trainer(
         job, rows, epochs=cfg.warm_start_epochs, output_dir=scratch, save_checkpoints=False

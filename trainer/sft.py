@@ -25,10 +25,12 @@ def completion_nll_sum(
     attention_mask: torch.Tensor | None,
     labels: torch.Tensor,
     base_context: Callable[[], contextlib.AbstractContextManager] | None = None,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Summed negative log-likelihood of the labelled tokens (label != -100), their count and,
-    with `base_context` (the LoRA adapter disabled), the summed exact KL(pi || pi_base) over
-    the vocabulary at the same positions (gradient through pi only)."""
+    """Summed negative log-likelihood of the labelled tokens (label != -100), each row's
+    scaled by its entry of `weights` if given, their count and, with `base_context` (the LoRA
+    adapter disabled), the summed exact KL(pi || pi_base) over the vocabulary at the same
+    positions (gradient through pi only)."""
     width = labels.size(1)
     # The first position labelled in any row; the logit at t predicts token t + 1.
     columns = (labels != -100).any(dim=0).nonzero()
@@ -41,7 +43,10 @@ def completion_nll_sum(
     logp = log_softmax()
     targets = labels[:, first:]
     labelled = targets != -100
-    nll = -(logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * labelled).sum()
+    token_logp = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * labelled
+    if weights is not None:
+        token_logp = token_logp * weights.to(token_logp.dtype).unsqueeze(-1)
+    nll = -token_logp.sum()
     kl = None
     if base_context is not None:
         with torch.no_grad(), base_context():
@@ -63,7 +68,8 @@ def sft_trainer_class() -> type:
             if self.kl_coef > 0:
                 base = self.accelerator.unwrap_model(model).disable_adapter
             nll, count, kl = completion_nll_sum(
-                model, inputs["input_ids"], inputs.get("attention_mask"), inputs["labels"], base
+                model, inputs["input_ids"], inputs.get("attention_mask"), inputs["labels"], base,
+                weights=inputs.get("weights"),
             )
             # Trainer passes the token count of the whole (accumulated) batch, as TRL divides.
             denom = count if num_items_in_batch is None else num_items_in_batch
@@ -76,3 +82,15 @@ def sft_trainer_class() -> type:
             return (loss, None) if return_outputs else loss
 
     return CompletionSFTTrainer
+
+
+def weighted_collator(inner: Callable[[list[dict]], dict]) -> Callable[[list[dict]], dict]:
+    """TRL's collator for examples that carry a per-example `weight` (the advantage of
+    --warm-start-loss advantage): the weights travel beside the batch as `weights`."""
+
+    def collate(examples: list[dict]) -> dict:
+        batch = inner([{k: v for k, v in ex.items() if k != "weight"} for ex in examples])
+        batch["weights"] = torch.tensor([float(ex["weight"]) for ex in examples])
+        return batch
+
+    return collate
