@@ -552,8 +552,9 @@ def advantage_dataset(job: Job, tok: Any, rows: list[ReferenceRow], rounds: int 
     with weight A = log F-hat(r) - that mean, once per round. BoN-SFT's weight sits on each
     group's winner (about F-hat^(N-1)), so the tilt it learns follows the top samples; A grows
     about linearly with the reward's rank and gives weight to half the samples. The samples
-    below the mean are left out: with their negative weights the run diverged (161 nats of KL
-    after one epoch, docs/trainer.md). Same tokenization as bon_sft_dataset."""
+    below the mean are left out: with their negative weights one epoch diverged (the RL stage
+    after it read 161 nats of KL; run AD in docs/trainer.md). Tokenized as in
+    bon_sft_dataset."""
     from datasets import Dataset
 
     from vbon.bon import log_cdf_hat
@@ -597,9 +598,10 @@ def build_sft_trainer(
     epochs: float | None = None,
     output_dir: Path | None = None,
     save_checkpoints: bool = True,
+    loss: str = "bon-sft",
 ):
     """BoN-SFT: the bon-sft method, and the warm start of vbon (`epochs`, `output_dir`, and no
-    checkpoints: --resume reuses only a finished warm start)."""
+    checkpoints: --resume reuses only a finished warm start; `loss`: --warm-start-loss)."""
     from trl import SFTConfig
 
     from trainer.callbacks import JobCallback
@@ -611,7 +613,7 @@ def build_sft_trainer(
     # One round of groups per epoch; the trainer shuffles all rounds together, so a fractional
     # epoch count sees a random part of them.
     rounds = max(1, math.ceil(epochs))
-    weighted = output_dir is not None and cfg.warm_start_loss == "advantage"
+    weighted = loss == "advantage"
     make_data = advantage_dataset if weighted else bon_sft_dataset
     data = make_data(job, tok, rows, rounds=rounds)
     batch = cfg.prompts_per_step * cfg.completions_per_prompt
@@ -664,7 +666,8 @@ def warm_start_stage(job: Job, rows: list[ReferenceRow]) -> Path:
                 cfg.warm_start_epochs, what, len(rows), job.rl_prompts)
     scratch = cfg.run_dir / f"{WARM_START}-checkpoints"
     trainer, _ = build_sft_trainer(
-        job, rows, epochs=cfg.warm_start_epochs, output_dir=scratch, save_checkpoints=False
+        job, rows, epochs=cfg.warm_start_epochs, output_dir=scratch, save_checkpoints=False,
+        loss=cfg.warm_start_loss,
     )
     _drop_default_progress(trainer)
     trainer.train()
