@@ -472,6 +472,11 @@ class TrainConfig:
         "output",
     )
 
+    @property
+    def lora_target_modules(self) -> list[str]:
+        """--lora-targets as peft's list of module names."""
+        return [t.strip() for t in self.lora_targets.split(",") if t.strip()]
+
     def run_identity(self) -> dict[str, Any]:
         return {k: v for k, v in self.to_dict().items() if k not in self.RESUME_IGNORED}
 

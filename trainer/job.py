@@ -205,14 +205,14 @@ def _check_warm_start_from(cfg: TrainConfig) -> None:
         raise ConfigError(
             f"--warm-start-from '{folder}': unreadable adapter_config.json ({exc})"
         ) from exc
-    targets = {t.strip() for t in cfg.lora_targets.split(",") if t.strip()}
     mismatches = [
         f"{what} {theirs!r} (this run: {ours!r})"
         for what, theirs, ours in (
             ("peft_type", saved.get("peft_type"), "LORA"),
             ("r", saved.get("r"), cfg.lora_rank),
             ("lora_alpha", saved.get("lora_alpha"), cfg.lora_alpha),
-            ("target_modules", sorted(saved.get("target_modules") or []), sorted(targets)),
+            ("target_modules", sorted(saved.get("target_modules") or []),
+             sorted(cfg.lora_target_modules)),
         )
         if theirs != ours
     ]
@@ -350,7 +350,7 @@ def lora_config(cfg: TrainConfig):
         r=cfg.lora_rank,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
-        target_modules=[t.strip() for t in cfg.lora_targets.split(",") if t.strip()],
+        target_modules=cfg.lora_target_modules,
         bias="none",
         task_type="CAUSAL_LM",
     )
@@ -536,10 +536,9 @@ def bon_sft_dataset(job: Job, tok: Any, rows: list[ReferenceRow], rounds: int = 
             for g in range(len(order) // n):
                 best = max(order[g * n : (g + 1) * n], key=row.rewards.__getitem__)
                 if best not in completions:
-                    ids = completion_token_ids(tok, prompt, prompt_ids, row.responses[best])
-                    if len(ids) < max_tokens:
-                        ids = [*ids, tok.eos_token_id]
-                    completions[best] = ids
+                    completions[best] = sample_token_ids(
+                        tok, prompt, prompt_ids, row.responses[best], max_tokens
+                    )
                 ids = completions[best]
                 input_ids.append(prompt_ids + ids)
                 masks.append([0] * len(prompt_ids) + [1] * len(ids))
@@ -571,9 +570,7 @@ def advantage_dataset(job: Job, tok: Any, rows: list[ReferenceRow], rounds: int 
         for i, lf in enumerate(log_f):
             if lf <= mean:
                 continue
-            ids = completion_token_ids(tok, prompt, prompt_ids, row.responses[i])
-            if len(ids) < max_tokens:
-                ids = [*ids, tok.eos_token_id]
+            ids = sample_token_ids(tok, prompt, prompt_ids, row.responses[i], max_tokens)
             for _ in range(rounds):
                 input_ids.append(prompt_ids + ids)
                 masks.append([0] * len(prompt_ids) + [1] * len(ids))
@@ -581,13 +578,18 @@ def advantage_dataset(job: Job, tok: Any, rows: list[ReferenceRow], rounds: int 
     return Dataset.from_dict({"input_ids": input_ids, "completion_mask": masks, "weight": weights})
 
 
-def completion_token_ids(tok: Any, prompt: str, prompt_ids: list[int], text: str) -> list[int]:
-    """`text`'s tokens as they follow `prompt` (the prompt ends on a special token, so the
-    boundary does not merge; a divergence would be a template change, hence the check)."""
+def sample_token_ids(
+    tok: Any, prompt: str, prompt_ids: list[int], text: str, max_tokens: int
+) -> list[int]:
+    """A reference sample's tokens as they follow `prompt` (the prompt ends on a special
+    token, so the boundary does not merge; a divergence would be a template change, hence the
+    check), with EOS only when the sample ended before `max_tokens` (the sampler cut the
+    others; see bon_sft_dataset)."""
     ids = tok(prompt + text, add_special_tokens=False)["input_ids"]
     if ids[: len(prompt_ids)] != prompt_ids:
         raise ValueError(f"the rendered prompt does not tokenize as a prefix: {prompt[-40:]!r}")
-    return ids[len(prompt_ids) :]
+    ids = ids[len(prompt_ids) :]
+    return [*ids, tok.eos_token_id] if len(ids) < max_tokens else ids
 
 
 def build_sft_trainer(
