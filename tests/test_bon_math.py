@@ -11,6 +11,7 @@ from vbon.bon import (
     beta_for_n,
     bon_log_prob_bound,
     bon_log_prob_exact,
+    bon_win_probs,
     cdf_hat,
     kl_bound,
     log_cdf_hat,
@@ -38,6 +39,26 @@ def test_cdf_hat_is_monotone_and_scale_free(refs: list[float], a: float, b: floa
     # Only ranks matter: a monotone map of every reward changes nothing.
     f = lambda x: 2 * x  # noqa: E731  (exact in floating point: no ties appear or vanish)
     assert cdf_hat(sorted(f(x) for x in refs), f(lo)) == cdf_hat(s, lo)
+
+
+@given(
+    refs=st.lists(st.integers(-2, 2).map(float), min_size=1, max_size=5),
+    n=st.integers(1, 4),
+)
+def test_bon_win_probs_match_enumeration_with_ties(refs: list[float], n: int) -> None:
+    """Every ordered N-tuple of draws (with replacement) enumerated: the winner is the best
+    reward, a tie at the top split evenly between the tied samples that were drawn."""
+    import itertools
+
+    want = [0.0] * len(refs)
+    for draw in itertools.product(range(len(refs)), repeat=n):
+        best = max(refs[i] for i in draw)
+        tied = sorted({i for i in draw if refs[i] == best})
+        for i in tied:
+            want[i] += 1 / len(tied) / len(refs) ** n
+    got = bon_win_probs(refs, n)
+    assert got == pytest.approx(want)
+    assert sum(got) == pytest.approx(1.0)
 
 
 def test_bounds_and_beta() -> None:

@@ -246,6 +246,38 @@ def test_advantage_dataset_weights_the_samples_above_the_mean(embedded_model: Pa
     assert sorted(seen) == sorted([" Superb!", " Good."] * 3)  # once per round
 
 
+def test_bon_weighted_dataset_weights_by_win_probability(embedded_model: Path) -> None:
+    """Weight = the sample's BoN-N win probability among the M, scaled to average 1 over the
+    kept samples; samples under the floor are left out."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from trainer.job import BON_WEIGHT_FLOOR, bon_weighted_dataset
+    from trainer.reference import ReferenceRow
+    from vbon.bon import bon_win_probs
+    from vbon.sampling import Sampling
+
+    tok = AutoTokenizer.from_pretrained(embedded_model)
+    texts = [" Awful.", " Superb!", " Fine.", " Good.", " Bad.", " Nice."]
+    rewards = [-0.5, 0.9, 0.1, 0.4, -0.3, 0.4]  # a tie: " Good." and " Nice."
+    n = 4
+    job = SimpleNamespace(cfg=SimpleNamespace(seed=0, n=n), sampling=Sampling(max_tokens=16))
+    data = bon_weighted_dataset(job, tok, [ReferenceRow("The film", texts, rewards)], rounds=2)
+    probs = dict(zip(texts, bon_win_probs(rewards, n), strict=True))
+    kept = {t: p for t, p in probs.items() if p >= BON_WEIGHT_FLOOR}
+    assert " Awful." not in kept and " Superb!" in kept  # (1/6)^4 is under the floor
+    n_prompt = sum(1 for m in data[0]["completion_mask"] if m == 0)
+    seen = []
+    for ex in data:
+        text = tok.decode(ex["input_ids"][n_prompt:]).removesuffix(tok.eos_token)
+        assert ex["weight"] == pytest.approx(kept[text] * len(kept) / sum(kept.values()))
+        seen.append(text)
+    assert sorted(seen) == sorted(list(kept) * 2)  # once per round
+    weights = {t: w for t, w in zip(seen, data["weight"], strict=True)}
+    assert weights[" Superb!"] > weights[" Good."] == pytest.approx(weights[" Nice."])
+
+
 def test_kill_and_resume(
     reference_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture, figures
 ) -> None:

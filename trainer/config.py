@@ -24,7 +24,7 @@ OBJECTIVES = ("bound", "exact")
 DTYPES = ("auto", "float32", "bfloat16")
 ROLLOUTS = ("vllm", "transformers")
 KL_PENALTIES = ("sequence", "token")
-WARM_START_LOSSES = ("bon-sft", "advantage")
+WARM_START_LOSSES = ("bon-sft", "advantage", "bon-weighted")
 VBON_WARM_START_EPOCHS = 3.0
 VBON_RL_PROMPTS = 96  # 24 RL steps of 4 prompts before one repeats (X stopped at 15)
 DEFAULT_STEPS = 128
@@ -198,7 +198,9 @@ class TrainConfig:
             "help": "vbon's warm start: 'bon-sft' fits the best of each group of N reference "
             "samples (BoN-N's samples); 'advantage' fits every reference sample whose log "
             "F-hat(r) is above its prompt's mean, weighted by how far above (about linear in "
-            "the reward's rank, where BoN-SFT's weight sits on the winners).",
+            "the reward's rank, where BoN-SFT's weight sits on the winners); 'bon-weighted' "
+            "fits every reference sample weighted by its probability of being BoN-N's choice "
+            "among the M (BoN-SFT's target without drawing the winners).",
             "choices": WARM_START_LOSSES,
         },
     )

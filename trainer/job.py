@@ -19,6 +19,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -554,27 +555,61 @@ def advantage_dataset(job: Job, tok: Any, rows: list[ReferenceRow], rounds: int 
     below the mean are left out: with their negative weights one epoch diverged (the RL stage
     after it read 161 nats of KL; run AD in docs/trainer.md). Tokenized as in
     bon_sft_dataset."""
+    from vbon.bon import log_cdf_hat
+
+    def weigh(row: ReferenceRow) -> dict[int, float]:
+        log_f = [log_cdf_hat(row.sorted_rewards, r) for r in row.rewards]
+        mean = sum(log_f) / len(log_f)
+        return {i: lf - mean for i, lf in enumerate(log_f) if lf > mean}
+
+    return _weighted_dataset(tok, rows, rounds, job.sampling.max_tokens, weigh)
+
+
+BON_WEIGHT_FLOOR = 0.01
+
+
+def bon_weighted_dataset(job: Job, tok: Any, rows: list[ReferenceRow], rounds: int = 1):
+    """--warm-start-loss bon-weighted: per prompt, each reference sample weighted by its
+    probability of being BoN-N's choice among the M (vbon.bon.bon_win_probs), once per round.
+    BoN-SFT draws those choices (the winner of each group of N); this is their expectation, the
+    same target without the draw's noise. Samples under BON_WEIGHT_FLOOR are left out (at
+    N = 8, M = 16 the top 7 carry 99 % of the weight); the kept weights are scaled to average 1,
+    so an epoch moves about as far per example as BoN-SFT's. Tokenized as in
+    bon_sft_dataset."""
+    from vbon.bon import bon_win_probs
+
+    def weigh(row: ReferenceRow) -> dict[int, float]:
+        probs = bon_win_probs(row.rewards, job.cfg.n)
+        kept = {i: p for i, p in enumerate(probs) if p >= BON_WEIGHT_FLOOR}
+        scale = len(kept) / sum(kept.values())
+        return {i: p * scale for i, p in kept.items()}
+
+    return _weighted_dataset(tok, rows, rounds, job.sampling.max_tokens, weigh)
+
+
+def _weighted_dataset(
+    tok: Any,
+    rows: list[ReferenceRow],
+    rounds: int,
+    max_tokens: int,
+    weigh: Callable[[ReferenceRow], dict[int, float]],
+):
+    """Rows (prompt + sample i, weight) for each prompt's {i: weight}, repeated once per
+    round."""
     from datasets import Dataset
 
-    from vbon.bon import log_cdf_hat
     from vbon.prompts import render_task
 
-    max_tokens = job.sampling.max_tokens
     input_ids, masks, weights = [], [], []
     for row in rows:
         prompt = render_task(tok, row.prompt)
         prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
-        refs = row.sorted_rewards
-        log_f = [log_cdf_hat(refs, r) for r in row.rewards]
-        mean = sum(log_f) / len(log_f)
-        for i, lf in enumerate(log_f):
-            if lf <= mean:
-                continue
+        for i, weight in weigh(row).items():
             ids = sample_token_ids(tok, prompt, prompt_ids, row.responses[i], max_tokens)
             for _ in range(rounds):
                 input_ids.append(prompt_ids + ids)
                 masks.append([0] * len(prompt_ids) + [1] * len(ids))
-                weights.append(lf - mean)
+                weights.append(weight)
     return Dataset.from_dict({"input_ids": input_ids, "completion_mask": masks, "weight": weights})
 
 
@@ -615,8 +650,12 @@ def build_sft_trainer(
     # One round of groups per epoch; the trainer shuffles all rounds together, so a fractional
     # epoch count sees a random part of them.
     rounds = max(1, math.ceil(epochs))
-    weighted = loss == "advantage"
-    make_data = advantage_dataset if weighted else bon_sft_dataset
+    make_data = {
+        "bon-sft": bon_sft_dataset,
+        "advantage": advantage_dataset,
+        "bon-weighted": bon_weighted_dataset,
+    }[loss]
+    weighted = make_data is not bon_sft_dataset
     data = make_data(job, tok, rows, rounds=rounds)
     batch = cfg.prompts_per_step * cfg.completions_per_prompt
     steps = max(1, math.ceil(epochs * len(data) / rounds / batch))
@@ -625,7 +664,7 @@ def build_sft_trainer(
         per_device_train_batch_size=batch,
         max_steps=steps,
         completion_only_loss=True,
-        # Keeps the advantage column (not a model input) for our collator.
+        # Keeps the weight column (not a model input) for our collator.
         remove_unused_columns=not weighted,
         **training_arguments(cfg, cfg.sft_learning_rate, checkpoints=save_checkpoints),
     )
@@ -662,8 +701,10 @@ def warm_start_stage(job: Job, rows: list[ReferenceRow]) -> Path:
     if cfg.resume and (folder / "adapter_config.json").is_file():
         logger.info("warm start: reusing %s", folder)
         return folder
-    what = ("advantage-weighted reference samples" if cfg.warm_start_loss == "advantage"
-            else f"BoN-{cfg.n} SFT")
+    what = {
+        "advantage": "advantage-weighted reference samples",
+        "bon-weighted": f"reference samples weighted by their BoN-{cfg.n} win probability",
+    }.get(cfg.warm_start_loss, f"BoN-{cfg.n} SFT")
     logger.info("warm start: %.3g epochs of %s on %d prompts (%d left for RL)",
                 cfg.warm_start_epochs, what, len(rows), job.rl_prompts)
     scratch = cfg.run_dir / f"{WARM_START}-checkpoints"

@@ -47,6 +47,22 @@ def log_cdf_hat(sorted_refs: Sequence[float], reward: float) -> float:
     return math.log(cdf_hat(sorted_refs, reward))
 
 
+def bon_win_probs(rewards: Sequence[float], n: int) -> list[float]:
+    """For each of M samples, the probability that it is BoN-N's choice when the N draws come
+    with replacement from these M (the empirical BoN-N distribution): a sample of ascending rank
+    k gets (k/M)^N - ((k-1)/M)^N; samples with equal rewards split their group's share."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    m = len(rewards)
+    ordered = sorted(rewards)
+    probs = []
+    for r in rewards:
+        below = bisect.bisect_left(ordered, r)
+        tied = bisect.bisect_right(ordered, r) - below
+        probs.append((((below + tied) / m) ** n - (below / m) ** n) / tied)
+    return probs
+
+
 def bon_log_prob_exact(log_p_ref: float, cdf: float, n: int) -> float:
     """log pi_BoN(y) = log sum_{i=1..N} C(N,i) F^{N-i} p^i for a completion y of reference
     probability p = exp(log_p_ref) whose reward has CDF value F = P(r(y') < r(y)).
