@@ -149,7 +149,7 @@ def test_baselines_and_exact_objective(reference_file: Path, tmp_path: Path, tin
     assert meta.objective == "exact"
 
 
-def test_warm_start_trains_bon_sft_then_rl_from_it(
+def test_warm_start_trains_then_rl_from_it(
     reference_file: Path,
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
@@ -161,7 +161,8 @@ def test_warm_start_trains_bon_sft_then_rl_from_it(
     )  # fmt: skip
     with caplog.at_level(logging.INFO, logger="trainer"):
         assert main(args) == 0
-    # The warm start trains on the first prompts, RL on the last --rl-prompts.
+    # The default warm start; it trains on the first prompts, RL on the last --rl-prompts.
+    assert "3 epochs of reference samples weighted by their BoN-4 win probability" in caplog.text
     assert f"on {len(OPENINGS) - 2} prompts (2 left for RL)" in caplog.text
     out = tmp_path / "adapters" / "warm"
     assert json.loads((out / "train_config.json").read_text())["rl_prompts"] == 2
@@ -190,7 +191,7 @@ def test_warm_start_trains_bon_sft_then_rl_from_it(
     with caplog.at_level(logging.INFO, logger="trainer"):
         assert main(reuse) == 0
     assert f"warm start: taken from {warm_dir}" in caplog.text
-    assert "epochs of BoN" not in caplog.text
+    assert "epochs of" not in caplog.text
     assert not (tmp_path / "runs" / "reuse" / "warm-start").exists()
     again = lora_b(tmp_path / "adapters" / "reuse")
     moved = sum(float((again[k] - warm[k]).norm()) for k in warm)
@@ -205,18 +206,22 @@ def test_warm_start_trains_bon_sft_then_rl_from_it(
     assert not (tmp_path / "adapters" / "bad").exists()
 
 
-def test_advantage_warm_start_trains(
-    reference_file: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize(
+    ("loss", "what"),
+    [("advantage", "advantage-weighted reference samples"), ("bon-sft", "BoN-4 SFT")],
+)
+def test_other_warm_start_losses_train(
+    reference_file: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, loss: str, what: str
 ) -> None:
     args = tiny(
-        reference_file, tmp_path, "adv", "--warm-start-epochs", "2", "--steps", "1",
-        "--rl-prompts", "2", "--warm-start-loss", "advantage",
+        reference_file, tmp_path, "other", "--warm-start-epochs", "2", "--steps", "1",
+        "--rl-prompts", "2", "--warm-start-loss", loss,
     )  # fmt: skip
     with caplog.at_level(logging.INFO, logger="trainer"):
         assert main(args) == 0
-    assert "2 epochs of advantage-weighted reference samples on 2 prompts" in caplog.text
-    assert lora_b_norm(tmp_path / "runs" / "adv" / "warm-start") > 0
-    assert validate_adapter(tmp_path / "adapters" / "adv").method == "vbon"
+    assert f"2 epochs of {what} on 2 prompts" in caplog.text
+    assert lora_b_norm(tmp_path / "runs" / "other" / "warm-start") > 0
+    assert validate_adapter(tmp_path / "adapters" / "other").method == "vbon"
 
 
 def test_advantage_dataset_weights_the_samples_above_the_mean(embedded_model: Path) -> None:

@@ -33,9 +33,14 @@ def test_defaults_are_vbon_8() -> None:
     assert cfg.kl_weight == pytest.approx(1 / 7)
     assert cfg.output_dir == Path("adapters/vbon-n8")
     assert cfg.kl_stop == pytest.approx(0.9 * kl_bound(8))
-    assert cfg.warm_start_epochs == 3.0 and cfg.num_prompts == 0 and cfg.eval_num_prompts == 0
+    assert cfg.warm_start_loss == "bon-weighted" and cfg.warm_start_epochs == 1.0
+    assert cfg.num_prompts == 0 and cfg.eval_num_prompts == 0
     assert cfg.rl_prompts is None and cfg.sft_learning_rate == 1e-4  # rl_prompts: per run
-    assert cfg.steps == 6  # RL steps after the warm start
+    assert cfg.steps == 24  # RL steps after the warm start
+    # Each warm-start loss has its own calibrated epochs and RL steps.
+    sft = parse_config(["--warm-start-loss", "bon-sft"])
+    assert (sft.warm_start_epochs, sft.steps) == (3.0, 6)
+    assert parse_config(["--warm-start-loss", "bon-sft", "--steps", "9"]).steps == 9
     assert parse_config(["--warm-start-epochs", "0"]).steps == 128
     assert parse_config(["--method", "kl-rl", "--beta", "0.1"]).steps == 128
     assert parse_config(["--steps", "5"]).steps == 5
@@ -86,7 +91,7 @@ def test_bad_settings_say_how_to_fix(argv: list[str], needle: str) -> None:
 
 
 def test_warm_start_loss_is_checked(tmp_path: Path) -> None:
-    assert parse_config([]).warm_start_loss == "bon-sft"
+    assert parse_config([]).warm_start_loss == "bon-weighted"
     bad = tmp_path / "c.json"
     bad.write_text(json.dumps({"warm_start_loss": "dpo"}))  # files skip argparse's choices
     with pytest.raises(ConfigError, match="--warm-start-loss must be one of bon-sft, advantage"):

@@ -25,10 +25,14 @@ DTYPES = ("auto", "float32", "bfloat16")
 ROLLOUTS = ("vllm", "transformers")
 KL_PENALTIES = ("sequence", "token")
 WARM_START_LOSSES = ("bon-sft", "advantage", "bon-weighted")
-VBON_WARM_START_EPOCHS = 3.0
+# Per --warm-start-loss, as calibrated on held-out prompts (docs/trainer.md): the epochs of
+# the warm start, and the RL steps after it.
+VBON_WARM_START_EPOCHS = {"bon-weighted": 1.0, "bon-sft": 3.0, "advantage": 1.0}
 VBON_RL_PROMPTS = 96  # 24 RL steps of 4 prompts before one repeats (X stopped at 15)
 DEFAULT_STEPS = 128
-VBON_WARM_RL_STEPS = 6  # held-out KL: X 0.96 at step 6, 1.29 at 9; AA 1.26 at 8 (bound 1.20)
+# bon-weighted: held-out KL 0.63 at step 6, 0.96 at 18, 1.15 at 24 (AG; bound 1.20);
+# bon-sft: X 0.96 at step 6, 1.29 at 9; AA 1.26 at 8.
+VBON_WARM_RL_STEPS = {"bon-weighted": 24, "bon-sft": 6, "advantage": 6}
 VBON_KL_STOP_FRACTION = 0.9  # of BoN-N's bound: the 5-step window lags a KL rising ~0.05/step
 
 
@@ -113,11 +117,13 @@ class TrainConfig:
     steps: int | None = field(
         default=None,
         metadata={
-            "help": "RL optimizer steps (bon-sft: see --sft-epochs). Default: "
-            f"{VBON_WARM_RL_STEPS} after vbon's warm start (on this CPU the held-out KL rose "
-            "~0.05 nats per RL step from the warm start's ~0.9 and passed BoN-8's bound by "
-            "step 8; the training batches' KL, which --max-kl reads, lagged it), else "
-            f"{DEFAULT_STEPS} (the early stops below usually end a CPU run first)."
+            "help": "RL optimizer steps (bon-sft: see --sft-epochs). Default after vbon's warm "
+            f"start: {VBON_WARM_RL_STEPS['bon-weighted']} for --warm-start-loss bon-weighted "
+            "(held-out KL 1.15 nats at step 24 on this CPU, BoN-8's bound 1.20), "
+            f"{VBON_WARM_RL_STEPS['bon-sft']} for the others (from BoN-SFT's ~0.9 nats the "
+            "held-out KL passed the bound by step 8; the training batches' KL, which --max-kl "
+            f"reads, lagged it); else {DEFAULT_STEPS} (the early stops below usually end a CPU "
+            "run first)."
         },
     )
     prompts_per_step: int = field(default=4, metadata={"help": "Prompts per optimizer step."})
@@ -185,18 +191,21 @@ class TrainConfig:
     warm_start_epochs: float | None = field(
         default=None,
         metadata={
-            "help": "vbon only: epochs of BoN-N SFT on the reference samples (the bon-sft "
-            "baseline's data, at --sft-learning-rate) before the RL stage, which then "
+            "help": "vbon only: epochs of supervised training on the reference samples (see "
+            "--warm-start-loss; at --sft-learning-rate) before the RL stage, which then "
             "starts from that adapter; the KL is still to the base model. Default for vbon: "
-            f"{VBON_WARM_START_EPOCHS:g} (on this CPU BoN-SFT bought ~2.5x more reward per nat "
-            "than RL, docs/trainer.md); 0: RL from the base."
+            f"{VBON_WARM_START_EPOCHS['bon-weighted']:g} for bon-weighted (~7 samples per "
+            f"prompt), {VBON_WARM_START_EPOCHS['bon-sft']:g} for bon-sft (2 winners per prompt), "
+            f"{VBON_WARM_START_EPOCHS['advantage']:g} for advantage (on this CPU a warm start "
+            "bought ~2.5x more reward per nat than RL, docs/trainer.md); 0: RL from the base."
         },
     )
     warm_start_loss: str = field(
-        default="bon-sft",
+        default="bon-weighted",
         metadata={
-            "help": "vbon's warm start: 'bon-sft' fits the best of each group of N reference "
-            "samples (BoN-N's samples); 'advantage' fits every reference sample whose log "
+            "help": "vbon's warm start (default bon-weighted; run AG in docs/trainer.md): "
+            "'bon-sft' fits the best of each group of N reference samples (BoN-N's samples); "
+            "'advantage' fits every reference sample whose log "
             "F-hat(r) is above its prompt's mean, weighted by how far above (about linear in "
             "the reward's rank, where BoN-SFT's weight sits on the winners); 'bon-weighted' "
             "fits every reference sample weighted by its probability of being BoN-N's choice "
@@ -316,11 +325,13 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         errors: list[str] = []
+        loss = self.warm_start_loss
         if self.warm_start_epochs is None:
-            self.warm_start_epochs = VBON_WARM_START_EPOCHS if self.method == "vbon" else 0.0
+            vbon = self.method == "vbon"
+            self.warm_start_epochs = VBON_WARM_START_EPOCHS.get(loss, 0.0) if vbon else 0.0
         if self.steps is None:
             warm = self.method == "vbon" and self.warm_start_epochs > 0
-            self.steps = VBON_WARM_RL_STEPS if warm else DEFAULT_STEPS
+            self.steps = VBON_WARM_RL_STEPS.get(loss, DEFAULT_STEPS) if warm else DEFAULT_STEPS
         if self.method not in METHODS:
             errors.append(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.objective not in OBJECTIVES:

@@ -85,8 +85,8 @@ def sft_trainer_class() -> type:
 
 
 def weighted_collator(inner: Callable[[list[dict]], dict]) -> Callable[[list[dict]], dict]:
-    """TRL's collator for examples that carry a per-example `weight` (the advantage of
-    --warm-start-loss advantage): the weights travel beside the batch as `weights`."""
+    """TRL's collator for examples that carry a per-example `weight` (--warm-start-loss
+    advantage or bon-weighted): the weights travel beside the batch as `weights`."""
 
     def collate(examples: list[dict]) -> dict:
         batch = inner([{k: v for k, v in ex.items() if k != "weight"} for ex in examples])
