@@ -92,6 +92,12 @@ def test_bad_settings_say_how_to_fix(argv: list[str], needle: str) -> None:
 
 def test_warm_start_loss_is_checked(tmp_path: Path) -> None:
     assert parse_config([]).warm_start_loss == "bon-weighted"
+    # Each loss has its dataset, log name, default epochs and RL steps.
+    from trainer.config import VBON_WARM_RL_STEPS, VBON_WARM_START_EPOCHS, WARM_START_LOSSES
+    from trainer.job import WARM_START_DATA
+
+    assert set(WARM_START_DATA) == set(WARM_START_LOSSES) == set(VBON_WARM_START_EPOCHS)
+    assert set(VBON_WARM_RL_STEPS) == set(WARM_START_LOSSES)
     bad = tmp_path / "c.json"
     bad.write_text(json.dumps({"warm_start_loss": "dpo"}))  # files skip argparse's choices
     with pytest.raises(ConfigError, match="--warm-start-loss must be one of bon-sft, advantage"):

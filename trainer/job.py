@@ -627,6 +627,15 @@ def sample_token_ids(
     return [*ids, tok.eos_token_id] if len(ids) < max_tokens else ids
 
 
+# --warm-start-loss (and the bon-sft method): its dataset and how the log names it.
+WARM_START_DATA: dict[str, tuple[Callable[..., Any], str]] = {
+    "bon-sft": (bon_sft_dataset, "BoN-{n} SFT"),
+    "advantage": (advantage_dataset, "advantage-weighted reference samples"),
+    "bon-weighted": (bon_weighted_dataset, "reference samples weighted by their BoN-{n} win "
+                     "probability"),
+}
+
+
 def build_sft_trainer(
     job: Job,
     rows: list[ReferenceRow],
@@ -650,11 +659,7 @@ def build_sft_trainer(
     # One round of groups per epoch; the trainer shuffles all rounds together, so a fractional
     # epoch count sees a random part of them.
     rounds = max(1, math.ceil(epochs))
-    make_data = {
-        "bon-sft": bon_sft_dataset,
-        "advantage": advantage_dataset,
-        "bon-weighted": bon_weighted_dataset,
-    }[loss]
+    make_data = WARM_START_DATA[loss][0]
     weighted = make_data is not bon_sft_dataset
     data = make_data(job, tok, rows, rounds=rounds)
     batch = cfg.prompts_per_step * cfg.completions_per_prompt
@@ -701,10 +706,7 @@ def warm_start_stage(job: Job, rows: list[ReferenceRow]) -> Path:
     if cfg.resume and (folder / "adapter_config.json").is_file():
         logger.info("warm start: reusing %s", folder)
         return folder
-    what = {
-        "advantage": "advantage-weighted reference samples",
-        "bon-weighted": f"reference samples weighted by their BoN-{cfg.n} win probability",
-    }.get(cfg.warm_start_loss, f"BoN-{cfg.n} SFT")
+    what = WARM_START_DATA[cfg.warm_start_loss][1].format(n=cfg.n)
     logger.info("warm start: %.3g epochs of %s on %d prompts (%d left for RL)",
                 cfg.warm_start_epochs, what, len(rows), job.rl_prompts)
     scratch = cfg.run_dir / f"{WARM_START}-checkpoints"
