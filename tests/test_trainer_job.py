@@ -283,6 +283,48 @@ def test_bon_weighted_dataset_weights_by_win_probability(embedded_model: Path) -
     assert weights[" Superb!"] > weights[" Good."] == pytest.approx(weights[" Nice."])
 
 
+def test_sft_data_keeps_each_prompts_examples_together(embedded_model: Path) -> None:
+    """The warm start's data come in training order (the trainer reads them sequentially): a
+    prompt's examples next to each other, so one batch shares the prompt's forward; each round
+    holds every prompt once, in a seeded order that differs between rounds."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from trainer.job import bon_sft_dataset, bon_weighted_dataset
+    from trainer.reference import ReferenceRow
+    from vbon.prompts import render_task
+    from vbon.sampling import Sampling
+
+    tok = AutoTokenizer.from_pretrained(embedded_model)
+    openings = [f"Review {k}:" for k in range(12)]
+    texts = [" Awful.", " Superb!", " Fine.", " Good.", " Bad.", " Nice."]
+    rows = [ReferenceRow(o, texts, [-0.5, 0.9, 0.1, 0.4, -0.3, 0.2]) for o in openings]
+    prompts = {tuple(tok(render_task(tok, o), add_special_tokens=False)["input_ids"]): o
+               for o in openings}
+
+    def prompt_order(data) -> list[str]:
+        order = []
+        for ex in data:
+            n_prompt = ex["completion_mask"].index(1)
+            opening = prompts[tuple(ex["input_ids"][:n_prompt])]
+            if not order or order[-1] != opening:
+                order.append(opening)
+        return order
+
+    for make, n in ((bon_weighted_dataset, 4), (bon_sft_dataset, 2)):
+        orders = []
+        for seed in (0, 0, 1):
+            job = SimpleNamespace(cfg=SimpleNamespace(seed=seed, n=n),
+                                  sampling=Sampling(max_tokens=16))
+            orders.append(prompt_order(make(job, tok, rows, rounds=2)))
+        first = orders[0]
+        assert len(first) == 2 * len(openings)  # one run of examples per prompt and round
+        assert sorted(first[:12]) == sorted(first[12:]) == sorted(openings)
+        assert first[:12] != first[12:] and first[:12] != openings  # shuffled, anew each round
+        assert orders[1] == first and orders[2] != first  # seeded
+
+
 def test_kill_and_resume(
     reference_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture, figures
 ) -> None:

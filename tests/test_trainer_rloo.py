@@ -1,6 +1,8 @@
 """trainer/rloo.py: the plain CPU log-probability path gives what TRL's fused LM head gives
 (values, entropies and LoRA gradients), on the embedded model with a random LoRA, with left-
-padded prompts and right-padded completions, in fp32 and under bf16 autocast."""
+padded prompts and right-padded completions, in fp32 and under bf16 autocast; rows of one
+prompt share its forward (trainer.logprobs.shared_prefix_logits) with the same values and
+gradients as separate forwards."""
 
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ def _batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     mask[1, :5] = 0  # left-padded prompt
     mask[2, :2] = 0
     mask[3, -3:] = 0  # a completion that ended early
+    ids[3, :prompt] = ids[0, :prompt]  # rows 0 and 3: two samples of one prompt
     ids = ids.masked_fill(mask == 0, 2)
     return ids, mask, mask[:, -completion:], completion
 
@@ -209,3 +212,47 @@ def test_old_logps_forward_is_skipped_only_when_asked(lora_model) -> None:
         real, _, _ = method(stub, lora_model, ids, mask, keep, 4, False)
     assert zeros.shape == real.shape == (4, keep) and ent is None
     assert float(zeros.abs().sum()) == 0 and float(real.abs().sum()) > 0
+
+
+def test_rows_of_one_prompt_share_its_forward(lora_model, monkeypatch) -> None:
+    """shared_prefix_logits: the prompt goes through the model once per distinct prompt
+    (counted on the model's forward calls), and the log-probabilities and LoRA gradients equal
+    one forward per row, with the adapter on and off."""
+    from trainer.logprobs import completion_log_softmax
+
+    ids, mask, cmask, keep = _batch()  # rows 0 and 3 share a prompt
+    rows_seen: list[int] = []
+    inner = lora_model.base_model.model.model.forward
+
+    def counting(*args, **kwargs):
+        rows_seen.append(kwargs["input_ids"].size(0))
+        return inner(*args, **kwargs)
+
+    results = {}
+    for share in (True, False):
+        for base in (False, True):
+            lora_model.zero_grad()
+            rows_seen.clear()
+            ctx = lora_model.disable_adapter() if base else contextlib.nullcontext()
+            with monkeypatch.context() as m, ctx:
+                m.setattr(lora_model.base_model.model.model, "forward", counting)
+                logp = completion_log_softmax(lora_model, ids, mask, keep, 0.7, share)
+            assert logp.shape == (4, keep, lora_model.config.vocab_size)
+            token = logp.gather(-1, ids[:, -keep:].unsqueeze(-1)).squeeze(-1) * cmask
+            grads = {}
+            if not base:
+                token.sum().backward()
+                grads = {n: p.grad.clone() for n, p in lora_model.named_parameters()
+                         if p.grad is not None}
+            results[share, base] = (token.detach(), grads, list(rows_seen))
+    for base in (False, True):
+        (shared, g_shared, calls), (plain, g_plain, plain_calls) = (
+            results[True, base], results[False, base]
+        )
+        assert calls == [3, 4] and plain_calls == [4]  # 3 distinct prompts, then the 4 rows
+        torch.testing.assert_close(shared, plain, atol=1e-4, rtol=1e-4)
+        assert g_shared.keys() == g_plain.keys()
+        for n in g_plain:
+            torch.testing.assert_close(g_shared[n], g_plain[n], atol=1e-3, rtol=1e-2)
+    assert len(results[True, False][1]) == 3 * 2 * 30
+    assert not torch.equal(results[True, False][0], results[True, True][0])  # LoRA on vs off

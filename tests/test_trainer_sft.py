@@ -1,6 +1,7 @@
 """trainer/sft.py: the completion-only SFT loss equals the plain full-logits cross-entropy (value
 and LoRA gradients) on the embedded model with a random LoRA, with prompts of different lengths
-and right padding; the --sft-kl-coef term equals the full-logits KL to the base."""
+and right padding (two rows of one prompt, which share its forward); the --sft-kl-coef term
+equals the full-logits KL to the base."""
 
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ def _batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     ids = torch.randint(100, 20000, (3, 20), generator=g)
     mask = torch.ones_like(ids)
     labels = ids.clone()
-    for row, (prompt, length) in enumerate([(9, 20), (5, 14), (12, 17)]):
+    ids[2, :9] = ids[0, :9]  # rows 0 and 2: two samples of one prompt (they share its forward)
+    for row, (prompt, length) in enumerate([(9, 20), (5, 14), (9, 17)]):
         labels[row, :prompt] = -100  # the prompt is not learned
         labels[row, length:] = -100  # right padding
         mask[row, length:] = 0
@@ -56,7 +58,7 @@ def test_completion_only_loss_matches_the_full_logits_loss(embedded_model: Path)
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         results.append((loss.detach(), int(count), grads))
     (lo, co, go), (lf, cf, gf) = results
-    assert co == cf == (20 - 9) + (14 - 5) + (17 - 12)
+    assert co == cf == (20 - 9) + (14 - 5) + (17 - 9)
     torch.testing.assert_close(lo, lf, atol=1e-5, rtol=1e-5)
     assert go.keys() == gf.keys() and len(go) == 2 * 2 * 30  # A and B of 2 modules x 30 layers
     for n in go:
@@ -100,7 +102,7 @@ def test_weights_scale_each_rows_loss(embedded_model: Path) -> None:
                 for i in range(3)]
         weights = torch.tensor([0.5, -1.25, 2.0])
         weighted, count, _ = completion_nll_sum(model, ids, mask, labels, weights=weights)
-    assert int(count) == 25
+    assert int(count) == 28
     expected = sum(w * r for w, r in zip(weights, rows, strict=True))
     torch.testing.assert_close(weighted, expected, atol=1e-4, rtol=1e-4)
 

@@ -519,32 +519,21 @@ def bon_sft_dataset(job: Job, tok: Any, rows: list[ReferenceRow], rounds: int = 
     """
     import random
 
-    from datasets import Dataset
-
-    from vbon.prompts import render_task
-
-    n, max_tokens = job.cfg.n, job.sampling.max_tokens
+    n = job.cfg.n
     rng = random.Random(job.cfg.seed)
-    input_ids, masks = [], []
-    for row in rows:
-        prompt = render_task(tok, row.prompt)
-        prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
-        completions: dict[int, list[int]] = {}
-        order = list(range(len(row.rewards)))
-        for r in range(rounds):
+    orders = [list(range(len(row.rewards))) for row in rows]
+    picks: list[list[dict[int, float]]] = []  # per round, per prompt: {winner: 1.0}
+    for r in range(rounds):
+        picks.append([])
+        for order, row in zip(orders, rows, strict=True):
             if r:
                 rng.shuffle(order)
+            winners: dict[int, float] = {}
             for g in range(len(order) // n):
                 best = max(order[g * n : (g + 1) * n], key=row.rewards.__getitem__)
-                if best not in completions:
-                    completions[best] = sample_token_ids(
-                        tok, prompt, prompt_ids, row.responses[best], max_tokens
-                    )
-                ids = completions[best]
-                input_ids.append(prompt_ids + ids)
-                masks.append([0] * len(prompt_ids) + [1] * len(ids))
-    return Dataset.from_dict({"input_ids": input_ids, "completion_mask": masks})
-
+                winners[best] = winners.get(best, 0.0) + 1.0
+            picks[-1].append(winners)
+    return _prompt_grouped_dataset(job, tok, rows, picks, weighted=False)
 
 def advantage_dataset(job: Job, tok: Any, rows: list[ReferenceRow], rounds: int = 1):
     """--warm-start-loss advantage: per prompt, each reference sample whose log F-hat(r) lies
@@ -562,7 +551,7 @@ def advantage_dataset(job: Job, tok: Any, rows: list[ReferenceRow], rounds: int 
         mean = sum(log_f) / len(log_f)
         return {i: lf - mean for i, lf in enumerate(log_f) if lf > mean}
 
-    return _weighted_dataset(tok, rows, rounds, job.sampling.max_tokens, weigh)
+    return _weighted_dataset(job, tok, rows, rounds, weigh)
 
 
 BON_WEIGHT_FLOOR = 0.01
@@ -584,33 +573,67 @@ def bon_weighted_dataset(job: Job, tok: Any, rows: list[ReferenceRow], rounds: i
         scale = len(kept) / sum(kept.values())
         return {i: p * scale for i, p in kept.items()}
 
-    return _weighted_dataset(tok, rows, rounds, job.sampling.max_tokens, weigh)
+    return _weighted_dataset(job, tok, rows, rounds, weigh)
 
 
 def _weighted_dataset(
+    job: Job,
     tok: Any,
     rows: list[ReferenceRow],
     rounds: int,
-    max_tokens: int,
     weigh: Callable[[ReferenceRow], dict[int, float]],
 ):
-    """Rows (prompt + sample i, weight) for each prompt's {i: weight}, repeated once per
-    round."""
+    """Rows (prompt + sample i, weight) for each prompt's {i: weight}, once per round."""
+    weights = [weigh(row) for row in rows]
+    return _prompt_grouped_dataset(job, tok, rows, [weights] * rounds, weighted=True)
+
+
+def _prompt_grouped_dataset(
+    job: Job,
+    tok: Any,
+    rows: list[ReferenceRow],
+    picks: list[list[dict[int, float]]],
+    *,
+    weighted: bool,
+):
+    """The SFT dataset in training order (the trainer reads it sequentially): round after
+    round, each round's prompts in a fresh seeded order, a prompt's examples next to each
+    other, so a batch holds whole prompts and each prompt goes through the model once per
+    batch (trainer.logprobs.shared_prefix_logits). picks[round][prompt] maps a sample index to
+    its weight; unweighted (BoN-SFT), a weight counts the sample's copies."""
+    import random
+
     from datasets import Dataset
 
     from vbon.prompts import render_task
 
-    input_ids, masks, weights = [], [], []
-    for row in rows:
-        prompt = render_task(tok, row.prompt)
-        prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
-        for i, weight in weigh(row).items():
-            ids = sample_token_ids(tok, prompt, prompt_ids, row.responses[i], max_tokens)
-            for _ in range(rounds):
-                input_ids.append(prompt_ids + ids)
-                masks.append([0] * len(prompt_ids) + [1] * len(ids))
-                weights.append(weight)
-    return Dataset.from_dict({"input_ids": input_ids, "completion_mask": masks, "weight": weights})
+    max_tokens = job.sampling.max_tokens
+    rng = random.Random(job.cfg.seed)
+    tokens: dict[tuple[int, int], tuple[list[int], list[int]]] = {}
+
+    def example(p: int, i: int) -> tuple[list[int], list[int]]:
+        if (p, i) not in tokens:
+            prompt = render_task(tok, rows[p].prompt)
+            prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+            ids = sample_token_ids(tok, prompt, prompt_ids, rows[p].responses[i], max_tokens)
+            tokens[p, i] = (prompt_ids + ids, [0] * len(prompt_ids) + [1] * len(ids))
+        return tokens[p, i]
+
+    data: dict[str, list[Any]] = {"input_ids": [], "completion_mask": [], "weight": []}
+    for per_prompt in picks:
+        order = list(range(len(rows)))
+        rng.shuffle(order)
+        for p in order:
+            for i, weight in per_prompt[p].items():
+                ids, mask = example(p, i)
+                copies = 1 if weighted else int(weight)
+                for _ in range(copies):
+                    data["input_ids"].append(ids)
+                    data["completion_mask"].append(mask)
+                    data["weight"].append(weight if weighted else 1.0)
+    if not weighted:
+        del data["weight"]
+    return Dataset.from_dict(data)
 
 
 def sample_token_ids(
@@ -656,8 +679,8 @@ def build_sft_trainer(
     cfg = job.cfg
     model, tok = load_policy(job)
     epochs = epochs or cfg.sft_epochs
-    # One round of groups per epoch; the trainer shuffles all rounds together, so a fractional
-    # epoch count sees a random part of them.
+    # One round of examples per epoch, in order; a fractional epoch count sees all of the
+    # first rounds and a random part (whole prompts) of the last.
     rounds = max(1, math.ceil(epochs))
     make_data = WARM_START_DATA[loss][0]
     weighted = make_data is not bon_sft_dataset
@@ -669,6 +692,8 @@ def build_sft_trainer(
         per_device_train_batch_size=batch,
         max_steps=steps,
         completion_only_loss=True,
+        # The dataset is in training order, whole prompts together (_prompt_grouped_dataset).
+        train_sampling_strategy="sequential",
         # Keeps the weight column (not a model input) for our collator.
         remove_unused_columns=not weighted,
         **training_arguments(cfg, cfg.sft_learning_rate, checkpoints=save_checkpoints),

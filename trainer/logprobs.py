@@ -53,12 +53,67 @@ def completion_log_softmax(
     mask: torch.Tensor | None,
     logits_to_keep: int,
     temperature: float,
+    share_prefix: bool = True,
 ) -> torch.Tensor:
     """float32 log-softmax of logits / temperature over the vocabulary at the positions that
-    predict the last `logits_to_keep` tokens; only those positions reach the LM head."""
-    # One more position than scored: the logit at t predicts token t+1.
-    logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=logits_to_keep + 1).logits
-    return torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
+    predict the last `logits_to_keep` tokens; only those positions reach the LM head.
+
+    Rows whose columns before the last `logits_to_keep` (the prompt, left-padded) are equal go
+    through the model once for that prefix (`share_prefix`, see shared_prefix_logits)."""
+    logits = shared_prefix_logits(model, ids, mask, logits_to_keep) if share_prefix else None
+    if logits is None:
+        # One more position than scored: the logit at t predicts token t+1.
+        out = model(input_ids=ids, attention_mask=mask, logits_to_keep=logits_to_keep + 1)
+        logits = out.logits[:, :-1]
+    return torch.log_softmax(logits.float() / temperature, dim=-1)
+
+
+def shared_prefix_logits(
+    model: torch.nn.Module,
+    ids: torch.Tensor,
+    mask: torch.Tensor | None,
+    logits_to_keep: int,
+) -> torch.Tensor | None:
+    """The logits that predict the last `logits_to_keep` tokens of each row, computing each
+    distinct prefix (the columns before them) once: the distinct prefixes go through the model
+    with its KV cache kept, the cache is gathered out to the rows, and the rows' last tokens
+    go through on top of it. Same values as one forward over the whole rows up to rounding
+    (positions and masks are the same), and gradients flow through the gathered cache into the
+    prefix's forward. A warm-start or RL batch holds several samples per prompt (~7 and 8),
+    and the ~45-token chat prompt is over half of each row's tokens, so this about halves
+    the tokens a training step computes (docs/trainer.md). None when no two rows share a
+    prefix."""
+    width = ids.size(1)
+    prefix = width - logits_to_keep
+    if prefix < 1 or logits_to_keep < 1:
+        return None
+    key = ids[:, :prefix] if mask is None else torch.cat([ids[:, :prefix], mask[:, :prefix]], 1)
+    distinct, inverse = torch.unique(key, dim=0, return_inverse=True)
+    if distinct.size(0) == ids.size(0):
+        return None
+    # A representative row of each distinct prefix (its first).
+    rows = torch.arange(ids.size(0), device=ids.device)
+    first = torch.full((distinct.size(0),), ids.size(0), device=ids.device, dtype=rows.dtype)
+    first = first.scatter_reduce(0, inverse, rows, reduce="amin")
+    head = model(
+        input_ids=ids[first, :prefix],
+        attention_mask=None if mask is None else mask[first, :prefix],
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    logits = [head.logits[inverse]]  # the prefix's last position predicts the first token
+    if logits_to_keep > 1:
+        cache = head.past_key_values
+        cache.batch_select_indices(inverse)
+        # The last token's logit would predict past the row: it is not computed.
+        tail = model(
+            input_ids=ids[:, prefix:-1],
+            attention_mask=None if mask is None else mask[:, :-1],
+            past_key_values=cache,
+            use_cache=True,
+        )
+        logits.append(tail.logits)
+    return torch.cat(logits, dim=1)
 
 
 def completion_logps_and_entropies(

@@ -3,10 +3,12 @@
 TRL's fused LM head exists to avoid materialising (tokens x vocab) logits on a GPU; without
 Triton it projects every position whose label is set and folds each vocabulary tile in many
 elementwise passes, and its metrics (entropy, token accuracy) cost more passes. Here only the
-positions from the batch's first completion token on reach the LM head (`logits_to_keep`, the
-models' own argument) and the loss is a plain float32 cross-entropy on them: the same loss and
-gradient as TRL's up to rounding (tests/test_trainer_sft.py), and a BoN-SFT step of 32
-examples on the embedded model went from ~11.8 s to ~7.5 s (docs/trainer.md).
+completion positions reach the LM head (`logits_to_keep`, the models' own argument) and the loss
+is a plain float32 cross-entropy on them: the same loss and gradient as TRL's up to rounding
+(tests/test_trainer_sft.py), and a BoN-SFT step of 32 examples on the embedded model went from
+~11.8 s to ~7.5 s (docs/trainer.md). The batch is laid out as the RL stage's (prompts left-padded,
+completions after them), so the examples of one prompt share its forward
+(trainer.logprobs.shared_prefix_logits; the dataset keeps them in one batch).
 """
 
 from __future__ import annotations
@@ -31,17 +33,13 @@ def completion_nll_sum(
     scaled by its entry of `weights` if given, their count and, with `base_context` (the LoRA
     adapter disabled), the summed exact KL(pi || pi_base) over the vocabulary at the same
     positions (gradient through pi only)."""
-    width = labels.size(1)
-    # The first position labelled in any row; the logit at t predicts token t + 1.
-    columns = (labels != -100).any(dim=0).nonzero()
-    first = max(int(columns[0]), 1) if len(columns) else width - 1
-    scored = width - first
+    ids, mask, targets = prompt_completion_layout(input_ids, attention_mask, labels)
+    scored = targets.size(1)
 
     def log_softmax() -> torch.Tensor:
-        return completion_log_softmax(model, input_ids, attention_mask, scored, temperature=1.0)
+        return completion_log_softmax(model, ids, mask, scored, temperature=1.0)
 
     logp = log_softmax()
-    targets = labels[:, first:]
     labelled = targets != -100
     token_logp = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * labelled
     if weights is not None:
@@ -53,6 +51,35 @@ def completion_nll_sum(
             base_logp = log_softmax()
         kl = ((logp.exp() * (logp - base_logp)).sum(-1) * labelled).sum()
     return nll, labelled.sum(), kl
+
+
+def prompt_completion_layout(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """TRL's batch (each row prompt + completion, right-padded; the completion is where the
+    label is set) laid out as the RL batches are: prompts left-padded to one width, then the
+    completions right-padded, and the completion targets (-100 on padding). Rows of one prompt
+    then share their first columns, which trainer.logprobs computes once."""
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    spans = []
+    for row in range(input_ids.size(0)):
+        labelled = (labels[row] != -100).nonzero().flatten()
+        length = int(attention_mask[row].sum())
+        start = int(labelled[0]) if len(labelled) else length
+        spans.append((start, int(labelled[-1]) + 1 if len(labelled) else length))
+    width = max(start for start, _ in spans)
+    scored = max(max(end - start for start, end in spans), 1)
+    ids = input_ids.new_zeros((input_ids.size(0), width + scored))
+    mask = torch.zeros_like(ids)
+    targets = torch.full((input_ids.size(0), scored), -100, dtype=labels.dtype)
+    for row, (start, end) in enumerate(spans):
+        ids[row, width - start : width] = input_ids[row, :start]
+        mask[row, width - start : width] = 1
+        ids[row, width : width + end - start] = input_ids[row, start:end]
+        mask[row, width : width + end - start] = 1
+        targets[row, : end - start] = labels[row, start:end]
+    return ids, mask, targets.to(labels.device)
 
 
 def sft_trainer_class() -> type:
