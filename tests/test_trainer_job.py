@@ -207,19 +207,30 @@ def test_warm_start_trains_then_rl_from_it(
 
 
 @pytest.mark.parametrize(
-    ("loss", "what"),
-    [("advantage", "advantage-weighted reference samples"), ("bon-sft", "BoN-4 SFT")],
+    ("loss", "what", "batches"),
+    [
+        ("advantage", "advantage-weighted reference samples", "shuffled"),
+        ("bon-sft", "BoN-4 SFT", "by-prompt"),
+    ],
 )
 def test_other_warm_start_losses_train(
-    reference_file: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, loss: str, what: str
+    reference_file: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    loss: str,
+    what: str,
+    batches: str,
 ) -> None:
     args = tiny(
         reference_file, tmp_path, "other", "--warm-start-epochs", "2", "--steps", "1",
-        "--rl-prompts", "2", "--warm-start-loss", loss,
+        "--rl-prompts", "2", "--warm-start-loss", loss, "--sft-batches", batches,
     )  # fmt: skip
     with caplog.at_level(logging.INFO, logger="trainer"):
         assert main(args) == 0
     assert f"2 epochs of {what} on 2 prompts" in caplog.text
+    # by-prompt: the trainer reads the data in their own order (whole prompts per batch).
+    order = {"shuffled": "random", "by-prompt": "sequential"}[batches]
+    assert f"{order} order (--sft-batches {batches})" in caplog.text
     assert lora_b_norm(tmp_path / "runs" / "other" / "warm-start") > 0
     assert validate_adapter(tmp_path / "adapters" / "other").method == "vbon"
 

@@ -114,3 +114,22 @@ def test_weights_scale_each_rows_loss(embedded_model: Path) -> None:
     batch = collate(examples)
     assert batch["weights"].tolist() == [0.5, -2.0]
     assert batch["labels"].tolist() == [[-100, -100, 7, 8], [-100, 9, -100, -100]]
+
+
+def test_prompt_completion_layout_left_pads_prompts() -> None:
+    """TRL's right-padded rows become [left-padded prompt | right-padded completion] with the
+    completion's labels as targets; a row labelled from its first token keeps that token as
+    its prompt (no logit predicts it)."""
+    from trainer.sft import prompt_completion_layout
+
+    ids = torch.tensor([[5, 6, 7, 8, 9, 0], [1, 2, 3, 0, 0, 0], [4, 5, 6, 7, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0]])
+    labels = torch.tensor([
+        [-100, -100, 7, 8, 9, -100],  # prompt 2, completion 3
+        [-100, 2, 3, -100, -100, -100],  # prompt 1, completion 2
+        [4, 5, 6, 7, -100, -100],  # labelled from the first token
+    ])
+    new_ids, new_mask, targets = prompt_completion_layout(ids, mask, labels)
+    assert new_ids.tolist() == [[5, 6, 7, 8, 9], [0, 1, 2, 3, 0], [0, 4, 5, 6, 7]]
+    assert new_mask.tolist() == [[1, 1, 1, 1, 1], [0, 1, 1, 1, 0], [0, 1, 1, 1, 1]]
+    assert targets.tolist() == [[7, 8, 9], [2, 3, -100], [5, 6, 7]]

@@ -102,6 +102,10 @@ def test_warm_start_loss_is_checked(tmp_path: Path) -> None:
     bad.write_text(json.dumps({"warm_start_loss": "dpo"}))  # files skip argparse's choices
     with pytest.raises(ConfigError, match="--warm-start-loss must be one of bon-sft, advantage"):
         parse_config(["--config", str(bad)])
+    assert parse_config([]).sft_batches == "shuffled"
+    bad.write_text(json.dumps({"sft_batches": "sorted"}))
+    with pytest.raises(ConfigError, match="--sft-batches must be one of shuffled, by-prompt"):
+        parse_config(["--config", str(bad)])
 
 
 def test_kl_penalty_defaults_to_sequence_and_is_checked(tmp_path: Path) -> None:

@@ -535,6 +535,7 @@ def bon_sft_dataset(job: Job, tok: Any, rows: list[ReferenceRow], rounds: int = 
             picks[-1].append(winners)
     return _prompt_grouped_dataset(job, tok, rows, picks, weighted=False)
 
+
 def advantage_dataset(job: Job, tok: Any, rows: list[ReferenceRow], rounds: int = 1):
     """--warm-start-loss advantage: per prompt, each reference sample whose log F-hat(r) lies
     above the mean over the prompt's M (F-hat against the same M, as the RL stage's reward),
@@ -596,11 +597,12 @@ def _prompt_grouped_dataset(
     *,
     weighted: bool,
 ):
-    """The SFT dataset in training order (the trainer reads it sequentially): round after
-    round, each round's prompts in a fresh seeded order, a prompt's examples next to each
-    other, so a batch holds whole prompts and each prompt goes through the model once per
-    batch (trainer.logprobs.shared_prefix_logits). picks[round][prompt] maps a sample index to
-    its weight; unweighted (BoN-SFT), a weight counts the sample's copies."""
+    """The SFT dataset: round after round, each round's prompts in a fresh seeded order, a
+    prompt's examples next to each other. Read in that order (--sft-batches by-prompt), a
+    batch holds whole prompts and each prompt goes through the model once per batch
+    (trainer.logprobs.shared_prefix_logits); shuffled (the default), the trainer draws the
+    examples at random. picks[round][prompt] maps a sample index to its weight; unweighted
+    (BoN-SFT), a weight counts the sample's copies."""
     import random
 
     from datasets import Dataset
@@ -679,8 +681,8 @@ def build_sft_trainer(
     cfg = job.cfg
     model, tok = load_policy(job)
     epochs = epochs or cfg.sft_epochs
-    # One round of examples per epoch, in order; a fractional epoch count sees all of the
-    # first rounds and a random part (whole prompts) of the last.
+    # One round of examples per epoch; a fractional epoch count sees a random part of them
+    # (by-prompt: all of the first rounds and whole prompts of the last).
     rounds = max(1, math.ceil(epochs))
     make_data = WARM_START_DATA[loss][0]
     weighted = make_data is not bon_sft_dataset
@@ -692,8 +694,8 @@ def build_sft_trainer(
         per_device_train_batch_size=batch,
         max_steps=steps,
         completion_only_loss=True,
-        # The dataset is in training order, whole prompts together (_prompt_grouped_dataset).
-        train_sampling_strategy="sequential",
+        # by-prompt: the dataset's own order, whole prompts together (_prompt_grouped_dataset).
+        train_sampling_strategy="sequential" if cfg.sft_batches == "by-prompt" else "random",
         # Keeps the weight column (not a model input) for our collator.
         remove_unused_columns=not weighted,
         **training_arguments(cfg, cfg.sft_learning_rate, checkpoints=save_checkpoints),
@@ -711,6 +713,8 @@ def build_sft_trainer(
         callbacks=[callback],
     )
     trainer.kl_coef = cfg.sft_kl_coef
+    logger.info("SFT: %d examples, %d steps of %d, %s order (--sft-batches %s)", len(data),
+                steps, batch, trainer.args.train_sampling_strategy, cfg.sft_batches)
     if weighted:
         trainer.data_collator = weighted_collator(trainer.data_collator)
     return trainer, callback

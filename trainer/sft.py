@@ -66,20 +66,21 @@ def prompt_completion_layout(
     for row in range(input_ids.size(0)):
         labelled = (labels[row] != -100).nonzero().flatten()
         length = int(attention_mask[row].sum())
-        start = int(labelled[0]) if len(labelled) else length
-        spans.append((start, int(labelled[-1]) + 1 if len(labelled) else length))
+        # A first token has no logit predicting it: it stays in the prompt, unscored.
+        start = max(int(labelled[0]), 1) if len(labelled) else length
+        spans.append((start, max(int(labelled[-1]) + 1, start) if len(labelled) else length))
     width = max(start for start, _ in spans)
     scored = max(max(end - start for start, end in spans), 1)
     ids = input_ids.new_zeros((input_ids.size(0), width + scored))
     mask = torch.zeros_like(ids)
-    targets = torch.full((input_ids.size(0), scored), -100, dtype=labels.dtype)
+    targets = labels.new_full((input_ids.size(0), scored), -100)
     for row, (start, end) in enumerate(spans):
         ids[row, width - start : width] = input_ids[row, :start]
-        mask[row, width - start : width] = 1
+        mask[row, width - start : width] = attention_mask[row, :start]
         ids[row, width : width + end - start] = input_ids[row, start:end]
         mask[row, width : width + end - start] = 1
         targets[row, : end - start] = labels[row, start:end]
-    return ids, mask, targets.to(labels.device)
+    return ids, mask, targets
 
 
 def sft_trainer_class() -> type:
