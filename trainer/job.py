@@ -528,11 +528,9 @@ def bon_sft_dataset(job: Job, tok: Any, rows: list[ReferenceRow], rounds: int = 
         for order, row in zip(orders, rows, strict=True):
             if r:
                 rng.shuffle(order)
-            winners: dict[int, float] = {}
-            for g in range(len(order) // n):
-                best = max(order[g * n : (g + 1) * n], key=row.rewards.__getitem__)
-                winners[best] = winners.get(best, 0.0) + 1.0
-            picks[-1].append(winners)
+            # A partition's groups are disjoint, so each winner comes once per round.
+            groups = (order[g * n : (g + 1) * n] for g in range(len(order) // n))
+            picks[-1].append({max(grp, key=row.rewards.__getitem__): 1.0 for grp in groups})
     return _prompt_grouped_dataset(job, tok, rows, picks, weighted=False)
 
 
@@ -601,8 +599,8 @@ def _prompt_grouped_dataset(
     prompt's examples next to each other. Read in that order (--sft-batches by-prompt), a
     batch holds whole prompts and each prompt goes through the model once per batch
     (trainer.logprobs.shared_prefix_logits); shuffled (the default), the trainer draws the
-    examples at random. picks[round][prompt] maps a sample index to its weight; unweighted
-    (BoN-SFT), a weight counts the sample's copies."""
+    examples at random. picks[round][prompt] maps a sample index to its weight (`weighted`:
+    kept as the `weight` column; BoN-SFT has none)."""
     import random
 
     from datasets import Dataset
@@ -611,30 +609,32 @@ def _prompt_grouped_dataset(
 
     max_tokens = job.sampling.max_tokens
     rng = random.Random(job.cfg.seed)
+    prompts: dict[int, tuple[str, list[int]]] = {}  # rendered and tokenized once per prompt
     tokens: dict[tuple[int, int], tuple[list[int], list[int]]] = {}
 
     def example(p: int, i: int) -> tuple[list[int], list[int]]:
         if (p, i) not in tokens:
-            prompt = render_task(tok, rows[p].prompt)
-            prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+            if p not in prompts:
+                prompt = render_task(tok, rows[p].prompt)
+                prompts[p] = (prompt, tok(prompt, add_special_tokens=False)["input_ids"])
+            prompt, prompt_ids = prompts[p]
             ids = sample_token_ids(tok, prompt, prompt_ids, rows[p].responses[i], max_tokens)
             tokens[p, i] = (prompt_ids + ids, [0] * len(prompt_ids) + [1] * len(ids))
         return tokens[p, i]
 
-    data: dict[str, list[Any]] = {"input_ids": [], "completion_mask": [], "weight": []}
+    data: dict[str, list[Any]] = {"input_ids": [], "completion_mask": []}
+    if weighted:
+        data["weight"] = []
     for per_prompt in picks:
         order = list(range(len(rows)))
         rng.shuffle(order)
         for p in order:
             for i, weight in per_prompt[p].items():
                 ids, mask = example(p, i)
-                copies = 1 if weighted else int(weight)
-                for _ in range(copies):
-                    data["input_ids"].append(ids)
-                    data["completion_mask"].append(mask)
-                    data["weight"].append(weight if weighted else 1.0)
-    if not weighted:
-        del data["weight"]
+                data["input_ids"].append(ids)
+                data["completion_mask"].append(mask)
+                if weighted:
+                    data["weight"].append(weight)
     return Dataset.from_dict(data)
 
 

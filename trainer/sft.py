@@ -7,8 +7,8 @@ completion positions reach the LM head (`logits_to_keep`, the models' own argume
 is a plain float32 cross-entropy on them: the same loss and gradient as TRL's up to rounding
 (tests/test_trainer_sft.py), and a BoN-SFT step of 32 examples on the embedded model went from
 ~11.8 s to ~7.5 s (docs/trainer.md). The batch is laid out as the RL stage's (prompts left-padded,
-completions after them), so the examples of one prompt share its forward
-(trainer.logprobs.shared_prefix_logits; the dataset keeps them in one batch).
+completions after them), so the examples of one prompt in a batch share its forward
+(trainer.logprobs.shared_prefix_logits; --sft-batches by-prompt keeps them in one batch).
 """
 
 from __future__ import annotations
