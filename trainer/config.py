@@ -26,7 +26,6 @@ ROLLOUTS = ("vllm", "transformers")
 KL_PENALTIES = ("sequence", "token")
 WARM_START_LOSSES = ("bon-sft", "advantage", "bon-weighted", "ratio")
 SFT_BATCHES = ("shuffled", "by-prompt")
-SFT_CREDITS = ("all", "reward-increase")
 # Per --warm-start-loss, as calibrated on held-out prompts (docs/trainer.md): the epochs of
 # the warm start, and the RL steps after it.
 VBON_WARM_START_EPOCHS = {"bon-weighted": 1.0, "bon-sft": 3.0, "advantage": 1.0, "ratio": 1.0}
@@ -200,17 +199,6 @@ class TrainConfig:
             "with it came out at 0.50-0.51 of share per root nat against 0.55 shuffled (run "
             "AI, docs/trainer.md).",
             "choices": SFT_BATCHES,
-        },
-    )
-    sft_credit: str = field(
-        default="all",
-        metadata={
-            "help": "bon-sft and vbon's weighted warm starts: which completion tokens the "
-            "supervised loss trains on. 'all' (default): every token; 'reward-increase': only "
-            "the tokens at which the reward of the completion so far rises (each prefix "
-            "scored by the reward; the others stay context), so the adapter learns what "
-            "raises the reward and not the rest of the samples' wording.",
-            "choices": SFT_CREDITS,
         },
     )
     warm_start_epochs: float | None = field(
@@ -415,10 +403,6 @@ class TrainConfig:
         if self.sft_batches not in SFT_BATCHES:
             errors.append(
                 f"--sft-batches must be one of {', '.join(SFT_BATCHES)}, got {self.sft_batches!r}"
-            )
-        if self.sft_credit not in SFT_CREDITS:
-            errors.append(
-                f"--sft-credit must be one of {', '.join(SFT_CREDITS)}, got {self.sft_credit!r}"
             )
         if self.warm_start_loss not in WARM_START_LOSSES:
             errors.append(

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import hashlib
-import itertools
 import json
 import logging
 import math
@@ -639,8 +638,6 @@ def _prompt_grouped_dataset(
     prompts: dict[int, tuple[str, list[int]]] = {}  # rendered and tokenized once per prompt
     tokens: dict[tuple[int, int], tuple[list[int], list[int]]] = {}
 
-    credit = job.cfg.sft_credit == "reward-increase"
-
     def example(p: int, i: int) -> tuple[list[int], list[int]]:
         if (p, i) not in tokens:
             if p not in prompts:
@@ -648,8 +645,7 @@ def _prompt_grouped_dataset(
                 prompts[p] = (prompt, tok(prompt, add_special_tokens=False)["input_ids"])
             prompt, prompt_ids = prompts[p]
             ids = sample_token_ids(tok, prompt, prompt_ids, rows[p].responses[i], max_tokens)
-            trained = reward_increase_mask(job, tok, rows[p].prompt, ids) if credit else None
-            tokens[p, i] = (prompt_ids + ids, [0] * len(prompt_ids) + (trained or [1] * len(ids)))
+            tokens[p, i] = (prompt_ids + ids, [0] * len(prompt_ids) + [1] * len(ids))
         return tokens[p, i]
 
     data: dict[str, list[Any]] = {"input_ids": [], "completion_mask": []}
@@ -670,17 +666,6 @@ def _prompt_grouped_dataset(
                 if grouped:
                     data["group"].append(r * len(rows) + p)
     return Dataset.from_dict(data)
-
-
-def reward_increase_mask(job: Job, tok: Any, opening: str, ids: list[int]) -> list[int]:
-    """--sft-credit reward-increase: 1 at each completion token where the reward of the text
-    so far rises above that of the text before it (every prefix scored by the job's reward),
-    else 0. A reward that scores whole completions credits a sample's tokens alike; scoring
-    prefixes tells the tokens that raised it (for VADER: the sentiment words) from the
-    wording around them, which SFT would otherwise copy too."""
-    texts = [tok.decode(ids[: t + 1], skip_special_tokens=True) for t in range(len(ids))]
-    scores = [float(s) for s in job.reward.score([opening] * (len(texts) + 1), ["", *texts])]
-    return [int(after > before + 1e-9) for before, after in itertools.pairwise(scores)]
 
 
 def sample_token_ids(
