@@ -211,7 +211,6 @@ def test_warm_start_trains_then_rl_from_it(
     [
         ("advantage", "advantage-weighted reference samples", "shuffled"),
         ("bon-sft", "BoN-4 SFT", "by-prompt"),
-        ("ratio", "log-ratio regression onto BoN-4's", "by-prompt"),
     ],
 )
 def test_other_warm_start_losses_train(

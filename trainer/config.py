@@ -24,16 +24,16 @@ OBJECTIVES = ("bound", "exact")
 DTYPES = ("auto", "float32", "bfloat16")
 ROLLOUTS = ("vllm", "transformers")
 KL_PENALTIES = ("sequence", "token")
-WARM_START_LOSSES = ("bon-sft", "advantage", "bon-weighted", "ratio")
+WARM_START_LOSSES = ("bon-sft", "advantage", "bon-weighted")
 SFT_BATCHES = ("shuffled", "by-prompt")
 # Per --warm-start-loss, as calibrated on held-out prompts (docs/trainer.md): the epochs of
 # the warm start, and the RL steps after it.
-VBON_WARM_START_EPOCHS = {"bon-weighted": 1.0, "bon-sft": 3.0, "advantage": 1.0, "ratio": 1.0}
+VBON_WARM_START_EPOCHS = {"bon-weighted": 1.0, "bon-sft": 3.0, "advantage": 1.0}
 VBON_RL_PROMPTS = 96  # 24 RL steps of 4 prompts before one repeats (X stopped at 15)
 DEFAULT_STEPS = 128
 # bon-weighted: held-out KL 0.63 at step 6, 0.96 at 18, 1.15 at 24 (AG; bound 1.20);
 # bon-sft: X 0.96 at step 6, 1.29 at 9; AA 1.26 at 8.
-VBON_WARM_RL_STEPS = {"bon-weighted": 24, "bon-sft": 6, "advantage": 6, "ratio": 24}
+VBON_WARM_RL_STEPS = {"bon-weighted": 24, "bon-sft": 6, "advantage": 6}
 VBON_KL_STOP_FRACTION = 0.9  # of BoN-N's bound: the 5-step window lags a KL rising ~0.05/step
 
 
@@ -222,10 +222,7 @@ class TrainConfig:
             "F-hat(r) is above its prompt's mean, weighted by how far above (about linear in "
             "the reward's rank, where BoN-SFT's weight sits on the winners); 'bon-weighted' "
             "fits every reference sample weighted by its probability of being BoN-N's choice "
-            "among the M (BoN-SFT's target without drawing the winners); 'ratio' regresses "
-            "the log-ratio log pi(y)/pi_base(y) of --completions-per-prompt reference "
-            "samples per prompt onto BoN-N's, (N-1) log F-hat(r(y)), up to a constant per "
-            "prompt (reads whole prompts per batch, as --sft-batches by-prompt).",
+            "among the M (BoN-SFT's target without drawing the winners).",
             "choices": WARM_START_LOSSES,
         },
     )

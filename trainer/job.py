@@ -575,30 +575,6 @@ def bon_weighted_dataset(job: Job, tok: Any, rows: list[ReferenceRow], rounds: i
     return _weighted_dataset(job, tok, rows, rounds, weigh)
 
 
-def ratio_dataset(job: Job, tok: Any, rows: list[ReferenceRow], rounds: int = 1):
-    """--warm-start-loss ratio: per prompt and round, a seeded random --completions-per-prompt
-    of its M reference samples (all M if fewer), each with its target log-ratio (N-1) log
-    F-hat(r) against the prompt's M (BoN-N's log-ratio up to the prompt's constant; the loss
-    centres it within the group, trainer.sft.log_ratio_regression_sum)."""
-    import random
-
-    from vbon.bon import log_cdf_hat
-
-    cfg = job.cfg
-    rng = random.Random(cfg.seed + 1)
-    picks: list[list[dict[int, float]]] = []
-    for _ in range(rounds):
-        picks.append([])
-        for row in rows:
-            sorted_refs = row.sorted_rewards
-            size = min(cfg.completions_per_prompt, len(row.rewards))
-            chosen = rng.sample(range(len(row.rewards)), size)
-            picks[-1].append(
-                {i: (cfg.n - 1) * log_cdf_hat(sorted_refs, row.rewards[i]) for i in chosen}
-            )
-    return _prompt_grouped_dataset(job, tok, rows, picks, weighted=True, grouped=True)
-
-
 def _weighted_dataset(
     job: Job,
     tok: Any,
@@ -618,15 +594,13 @@ def _prompt_grouped_dataset(
     picks: list[list[dict[int, float]]],
     *,
     weighted: bool,
-    grouped: bool = False,
 ):
     """The SFT dataset: round after round, each round's prompts in a fresh seeded order, a
     prompt's examples next to each other. Read in that order (--sft-batches by-prompt), a
     batch holds whole prompts and each prompt goes through the model once per batch
     (trainer.logprobs.shared_prefix_logits); shuffled (the default), the trainer draws the
     examples at random. picks[round][prompt] maps a sample index to its weight (`weighted`:
-    kept as the `weight` column; BoN-SFT has none; `grouped`: a `group` column numbers each
-    round's prompts)."""
+    kept as the `weight` column; BoN-SFT has none)."""
     import random
 
     from datasets import Dataset
@@ -651,9 +625,7 @@ def _prompt_grouped_dataset(
     data: dict[str, list[Any]] = {"input_ids": [], "completion_mask": []}
     if weighted:
         data["weight"] = []
-    if grouped:
-        data["group"] = []
-    for r, per_prompt in enumerate(picks):
+    for per_prompt in picks:
         order = list(range(len(rows)))
         rng.shuffle(order)
         for p in order:
@@ -663,8 +635,6 @@ def _prompt_grouped_dataset(
                 data["completion_mask"].append(mask)
                 if weighted:
                     data["weight"].append(weight)
-                if grouped:
-                    data["group"].append(r * len(rows) + p)
     return Dataset.from_dict(data)
 
 
@@ -688,7 +658,6 @@ WARM_START_DATA: dict[str, tuple[Callable[..., Any], str]] = {
     "advantage": (advantage_dataset, "advantage-weighted reference samples"),
     "bon-weighted": (bon_weighted_dataset, "reference samples weighted by their BoN-{n} win "
                      "probability"),
-    "ratio": (ratio_dataset, "log-ratio regression onto BoN-{n}'s"),
 }
 
 
@@ -707,7 +676,7 @@ def build_sft_trainer(
     from trl import SFTConfig
 
     from trainer.callbacks import JobCallback
-    from trainer.sft import ratio_collator, sft_trainer_class, weighted_collator
+    from trainer.sft import sft_trainer_class, weighted_collator
 
     cfg = job.cfg
     model, tok = load_policy(job)
@@ -718,9 +687,6 @@ def build_sft_trainer(
     make_data = WARM_START_DATA[loss][0]
     weighted = make_data is not bon_sft_dataset
     data = make_data(job, tok, rows, rounds=rounds)
-    ratio = make_data is ratio_dataset
-    # The ratio loss centres within a prompt's samples: whole prompts per batch.
-    by_prompt = cfg.sft_batches == "by-prompt" or ratio
     batch = cfg.prompts_per_step * cfg.completions_per_prompt
     steps = max(1, math.ceil(epochs * len(data) / rounds / batch))
     args = SFTConfig(
@@ -729,7 +695,7 @@ def build_sft_trainer(
         max_steps=steps,
         completion_only_loss=True,
         # by-prompt: the dataset's own order, whole prompts together (_prompt_grouped_dataset).
-        train_sampling_strategy="sequential" if by_prompt else "random",
+        train_sampling_strategy="sequential" if cfg.sft_batches == "by-prompt" else "random",
         # Keeps the weight column (not a model input) for our collator.
         remove_unused_columns=not weighted,
         **training_arguments(cfg, cfg.sft_learning_rate, checkpoints=save_checkpoints),
@@ -747,12 +713,10 @@ def build_sft_trainer(
         callbacks=[callback],
     )
     trainer.kl_coef = cfg.sft_kl_coef
-    trainer.ratio_scale = float(cfg.n - 1)
     logger.info("SFT: %d examples, %d steps of %d, %s order (--sft-batches %s)", len(data),
                 steps, batch, trainer.args.train_sampling_strategy, cfg.sft_batches)
     if weighted:
-        collator = ratio_collator if ratio else weighted_collator
-        trainer.data_collator = collator(trainer.data_collator)
+        trainer.data_collator = weighted_collator(trainer.data_collator)
     return trainer, callback
 
 

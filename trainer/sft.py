@@ -53,45 +53,6 @@ def completion_nll_sum(
     return nll, labelled.sum(), kl
 
 
-def log_ratio_regression_sum(
-    model: torch.nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    labels: torch.Tensor,
-    base_context: Callable[[], contextlib.AbstractContextManager],
-    targets: torch.Tensor,
-    groups: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """--warm-start-loss ratio: the summed squared error between each row's sequence log-ratio
-    h = log pi(y) - log pi_base(y) (the labelled tokens; pi_base with the adapter disabled, no
-    gradient) and its target, after both are centred within the row's group (a prompt's
-    samples: the BoN tilt is known only up to the prompt's normaliser), and the rows' mean h.
-
-    BoN-N's own log-ratio is log N + (N-1) log F(r(y)), so with targets (N-1) log F-hat the loss
-    is zero at BoN-N. On base samples, pushing a low-reward sample down counts as much as
-    pulling a winner up, where SFT on the winners only pulls up."""
-    ids, mask, tgt = prompt_completion_layout(input_ids, attention_mask, labels)
-    scored = tgt.size(1)
-    labelled = tgt != -100
-    index = tgt.clamp(min=0).unsqueeze(-1)
-
-    def sequence_logp() -> torch.Tensor:
-        logp = completion_log_softmax(model, ids, mask, scored, temperature=1.0)
-        return (logp.gather(-1, index).squeeze(-1) * labelled).sum(-1)
-
-    policy = sequence_logp()
-    with torch.no_grad(), base_context():
-        base = sequence_logp()
-    h = policy - base
-    error = h - targets.to(h)
-    _, group = torch.unique(groups, return_inverse=True)
-    count = torch.zeros(int(group.max()) + 1, device=h.device).index_add_(
-        0, group, torch.ones_like(error)
-    )
-    mean = torch.zeros_like(count).index_add_(0, group, error) / count
-    return ((error - mean[group]) ** 2).sum(), h.detach().mean()
-
-
 def prompt_completion_layout(
     input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -131,8 +92,6 @@ def sft_trainer_class() -> type:
         kl_coef: float = 0.0  # --sft-kl-coef, set by the job
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if "ratio_targets" in inputs:
-                return self._ratio_loss(model, inputs, return_outputs)
             base = None
             if self.kl_coef > 0:
                 base = self.accelerator.unwrap_model(model).disable_adapter
@@ -150,21 +109,6 @@ def sft_trainer_class() -> type:
                 self._metrics[mode]["token_kl"].append((kl / count.clamp(min=1)).item())
             return (loss, None) if return_outputs else loss
 
-        def _ratio_loss(self, model, inputs, return_outputs):
-            base = self.accelerator.unwrap_model(model).disable_adapter
-            sq, mean_h = log_ratio_regression_sum(
-                model, inputs["input_ids"], inputs.get("attention_mask"), inputs["labels"], base,
-                inputs["ratio_targets"], inputs["ratio_groups"],
-            )
-            rows = inputs["ratio_targets"].numel()
-            # In units of log F-hat squared: the same scale whatever N.
-            loss = sq / rows / self.ratio_scale**2
-            mode = "train" if model.training else "eval"
-            self._metrics[mode]["log_ratio"].append(mean_h.item())
-            return (loss, None) if return_outputs else loss
-
-        ratio_scale: float = 1.0  # N - 1, set by the job
-
     return CompletionSFTTrainer
 
 
@@ -175,20 +119,6 @@ def weighted_collator(inner: Callable[[list[dict]], dict]) -> Callable[[list[dic
     def collate(examples: list[dict]) -> dict:
         batch = inner([{k: v for k, v in ex.items() if k != "weight"} for ex in examples])
         batch["weights"] = torch.tensor([float(ex["weight"]) for ex in examples])
-        return batch
-
-    return collate
-
-
-def ratio_collator(inner: Callable[[list[dict]], dict]) -> Callable[[list[dict]], dict]:
-    """TRL's collator for --warm-start-loss ratio: each example's target log-ratio (`weight`)
-    and its group (`group`, one per prompt and round) travel beside the batch."""
-
-    def collate(examples: list[dict]) -> dict:
-        drop = ("weight", "group")
-        batch = inner([{k: v for k, v in ex.items() if k not in drop} for ex in examples])
-        batch["ratio_targets"] = torch.tensor([float(ex["weight"]) for ex in examples])
-        batch["ratio_groups"] = torch.tensor([int(ex["group"]) for ex in examples])
         return batch
 
     return collate
