@@ -177,3 +177,43 @@ def test_vllm_rollouts_match_the_gateway_path(
     assert t_prompt_ids == v_prompt_ids
     compare(job, model, tok, openings, (v_prompt_ids, v_comp_ids, v_texts),
             (t_prompt_ids, t_comp_ids, t_texts))  # fmt: skip
+
+
+def test_evaluation_scores_a_real_adapter(
+    embedded_model: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """trainer.evaluate on the real engine: base and BoN from the same base samples, the
+    adapter through its LoRARequest, its KL from fp32 log-probabilities, progress shown."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from trainer.evaluate import evaluate_adapter
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(embedded_model, dtype=torch.float32)
+    # Random A and B (peft's default leaves B at zero): an adapter far from the base model.
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                        init_lora_weights=False)  # fmt: skip
+    get_peft_model(base, config).save_pretrained(str(tmp_path / "adapter"))
+    openings = load_prompts(default_prompt_file("eval"))[:3]
+    metrics = evaluate_adapter(
+        tmp_path / "adapter",
+        model_path=str(embedded_model),
+        reward=load_reward("vader"),
+        openings=openings,
+        n=2,
+        samples=2,
+        sampling=Sampling(max_tokens=8),
+        engine_settings=CoreSettings(model=str(embedded_model)),
+        lora_rank=4,
+    )
+    assert metrics["eval_prompts"] == 3 and metrics["eval_samples_per_prompt"] == 2
+    # BoN-2 is the best of each pair of the same base samples whose mean is the base reward.
+    assert metrics["reward_bon2"] >= metrics["reward_base"]
+    # KL(pi || pi_base) > 0 for an adapter this far off (sampled from the adapter in vLLM,
+    # scored by peft): a wrong adapter on either side would show no drift.
+    assert metrics["kl_to_base"] > 1.0
+    err = capfd.readouterr().err
+    assert "evaluation: base model (4 per prompt)" in err
+    assert "evaluation: adapter (2 per prompt)" in err

@@ -19,7 +19,7 @@ from typing import Any
 import psutil
 import pytest
 
-from trainer.job import main
+from trainer.job import SFT_CHUNK, main
 from vbon.adapters import validate_adapter
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -248,7 +248,8 @@ def test_advantage_dataset_weights_the_samples_above_the_mean(embedded_model: Pa
 
     tok = AutoTokenizer.from_pretrained(embedded_model)
     texts, rewards = [" Awful.", " Superb!", " Fine.", " Good."], [-0.5, 0.9, 0.1, 0.4]
-    job = SimpleNamespace(cfg=SimpleNamespace(seed=0), sampling=Sampling(max_tokens=16))
+    cfg = SimpleNamespace(seed=0, sft_batches="shuffled")
+    job = SimpleNamespace(cfg=cfg, sampling=Sampling(max_tokens=16))
     data = advantage_dataset(job, tok, [ReferenceRow("The film", texts, rewards)], rounds=3)
     log_f = [log_cdf_hat(sorted(rewards), r) for r in rewards]
     advantage = {t: lf - sum(log_f) / 4 for t, lf in zip(texts, log_f, strict=True)}
@@ -278,7 +279,8 @@ def test_bon_weighted_dataset_weights_by_win_probability(embedded_model: Path) -
     texts = [" Awful.", " Superb!", " Fine.", " Good.", " Bad.", " Nice."]
     rewards = [-0.5, 0.9, 0.1, 0.4, -0.3, 0.4]  # a tie: " Good." and " Nice."
     n = 4
-    job = SimpleNamespace(cfg=SimpleNamespace(seed=0, n=n), sampling=Sampling(max_tokens=16))
+    cfg = SimpleNamespace(seed=0, n=n, sft_batches="shuffled")
+    job = SimpleNamespace(cfg=cfg, sampling=Sampling(max_tokens=16))
     data = bon_weighted_dataset(job, tok, [ReferenceRow("The film", texts, rewards)], rounds=2)
     probs = dict(zip(texts, bon_win_probs(rewards, n), strict=True))
     kept = {t: p for t, p in probs.items() if p >= BON_WEIGHT_FLOOR}
@@ -323,17 +325,34 @@ def test_sft_data_keeps_each_prompts_examples_together(embedded_model: Path) -> 
                 order.append(opening)
         return order
 
+    def make_job(seed: int, n: int, batches: str = "by-prompt") -> SimpleNamespace:
+        return SimpleNamespace(cfg=SimpleNamespace(seed=seed, n=n, sft_batches=batches),
+                               sampling=Sampling(max_tokens=16))  # fmt: skip
+
     for make, n in ((bon_weighted_dataset, 4), (bon_sft_dataset, 2)):
         orders = []
         for seed in (0, 0, 1):
-            job = SimpleNamespace(cfg=SimpleNamespace(seed=seed, n=n),
-                                  sampling=Sampling(max_tokens=16))
-            orders.append(prompt_order(make(job, tok, rows, rounds=2)))
+            orders.append(prompt_order(make(make_job(seed, n), tok, rows, rounds=2)))
         first = orders[0]
         assert len(first) == 2 * len(openings)  # one run of examples per prompt and round
         assert sorted(first[:12]) == sorted(first[12:]) == sorted(openings)
         assert first[:12] != first[12:] and first[:12] != openings  # shuffled, anew each round
         assert orders[1] == first and orders[2] != first  # seeded
+
+    # prompt-chunks: BoN-4 keeps 5 of the 6 samples (the worst weighs < 1 %), in runs of 4 and
+    # 1 of one prompt, the runs of all prompts in a seeded random order.
+    data = bon_weighted_dataset(make_job(0, 4, "prompt-chunks"), tok, rows, rounds=1)
+    runs: list[tuple[str, int]] = []
+    for ex in data:
+        opening = prompts[tuple(ex["input_ids"][: ex["completion_mask"].index(1)])]
+        if runs and runs[-1][0] == opening:
+            runs[-1] = (opening, runs[-1][1] + 1)
+        else:
+            runs.append((opening, 1))
+    assert len(data) == 5 * len(openings)
+    assert {o: sum(k for p, k in runs if p == o) for o in openings} == dict.fromkeys(openings, 5)
+    # Runs of 4 and 1 (two of one prompt may happen to meet: 5), not whole prompts.
+    assert {size for _, size in runs} <= {1, SFT_CHUNK, 5} and len(runs) > len(openings)
 
 
 def test_kill_and_resume(
@@ -441,7 +460,8 @@ def test_bon_sft_examples_end_like_the_samples_did(embedded_model: Path) -> None
 
     tok = AutoTokenizer.from_pretrained(embedded_model)
     long = " It was great" * 20  # more than max_tokens: the sampler cut it
-    job = SimpleNamespace(cfg=SimpleNamespace(n=2, seed=0), sampling=Sampling(max_tokens=16))
+    cfg = SimpleNamespace(n=2, seed=0, sft_batches="shuffled")
+    job = SimpleNamespace(cfg=cfg, sampling=Sampling(max_tokens=16))
     rows = [ReferenceRow("The film", [" Bad.", " Fine!", long, " Meh."], [-0.5, 0.4, 0.9, 0.0])]
     data = bon_sft_dataset(job, tok, rows)
     assert len(data) == 2  # the best of each group of N = 2
@@ -475,7 +495,8 @@ def test_bon_sft_rounds_draw_bon_n_from_fresh_partitions(embedded_model: Path) -
     tok = AutoTokenizer.from_pretrained(embedded_model)
     texts = [" Awful.", " Superb!", " Fine.", " Good."]  # ranks 4, 1, 3, 2
     rows = [ReferenceRow("The film", texts, [-0.5, 0.9, 0.1, 0.4])]
-    job = SimpleNamespace(cfg=SimpleNamespace(n=2, seed=0), sampling=Sampling(max_tokens=16))
+    cfg = SimpleNamespace(n=2, seed=0, sft_batches="shuffled")
+    job = SimpleNamespace(cfg=cfg, sampling=Sampling(max_tokens=16))
     rounds = 600
     data = bon_sft_dataset(job, tok, rows, rounds=rounds)
     assert len(data) == 2 * rounds

@@ -117,7 +117,7 @@ def evaluate_adapter(
     from vllm.lora.request import LoRARequest
 
     from trainer.logprobs import completion_logprobs
-    from trainer.reference import build_lora_llm, close_llm
+    from trainer.reference import build_lora_llm, close_llm, prompt_progress
     from vbon.prompts import render_task
 
     t0 = time.monotonic()
@@ -126,10 +126,14 @@ def evaluate_adapter(
         tok = llm.get_tokenizer()
         texts = [render_task(tok, o) for o in openings]
         lora = LoRARequest("eval-adapter", 1, str(adapter_dir.resolve()))
-        base_out = llm.generate(texts, vllm_params(sampling, n=n * samples), use_tqdm=False)
+        base_out = llm.generate(
+            texts, vllm_params(sampling, n=n * samples),
+            use_tqdm=prompt_progress(f"evaluation: base model ({n * samples} per prompt)"),
+        )  # fmt: skip
         tr_out = llm.generate(
-            texts, vllm_params(sampling, n=samples), lora_request=lora, use_tqdm=False
-        )
+            texts, vllm_params(sampling, n=samples), lora_request=lora,
+            use_tqdm=prompt_progress(f"evaluation: adapter ({samples} per prompt)"),
+        )  # fmt: skip
     finally:
         close_llm(llm)
     t_gen = time.monotonic() - t0

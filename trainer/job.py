@@ -598,9 +598,11 @@ def _prompt_grouped_dataset(
     """The SFT dataset: round after round, each round's prompts in a fresh seeded order, a
     prompt's examples next to each other. Read in that order (--sft-batches by-prompt), a
     batch holds whole prompts and each prompt goes through the model once per batch
-    (trainer.logprobs.shared_prefix_logits); shuffled (the default), the trainer draws the
-    examples at random. picks[round][prompt] maps a sample index to its weight (`weighted`:
-    kept as the `weight` column; BoN-SFT has none)."""
+    (trainer.logprobs.shared_prefix_logits); --sft-batches prompt-chunks cuts each prompt's
+    examples into runs of SFT_CHUNK and orders the runs of all prompts at random, so a batch
+    shares each prompt's forward among ~SFT_CHUNK rows but mixes ~4x more prompts; shuffled
+    (the default), the trainer draws the examples at random. picks[round][prompt] maps a
+    sample index to its weight (`weighted`: kept as the `weight` column; BoN-SFT has none)."""
     import random
 
     from datasets import Dataset
@@ -625,11 +627,16 @@ def _prompt_grouped_dataset(
     data: dict[str, list[Any]] = {"input_ids": [], "completion_mask": []}
     if weighted:
         data["weight"] = []
+    chunk = SFT_CHUNK if job.cfg.sft_batches == "prompt-chunks" else 0
     for per_prompt in picks:
-        order = list(range(len(rows)))
-        rng.shuffle(order)
-        for p in order:
-            for i, weight in per_prompt[p].items():
+        runs = []  # (prompt, its examples next to each other): whole prompts or chunks
+        for p, items in enumerate(per_prompt):
+            pairs = list(items.items())
+            size = chunk or max(len(pairs), 1)
+            runs += [(p, pairs[k : k + size]) for k in range(0, len(pairs), size)]
+        rng.shuffle(runs)
+        for p, pairs in runs:
+            for i, weight in pairs:
                 ids, mask = example(p, i)
                 data["input_ids"].append(ids)
                 data["completion_mask"].append(mask)
@@ -651,6 +658,10 @@ def sample_token_ids(
     ids = ids[len(prompt_ids) :]
     return [*ids, tok.eos_token_id] if len(ids) < max_tokens else ids
 
+
+# --sft-batches prompt-chunks: a prompt's examples come in runs of this many (~half of the
+# ~7 a bon-weighted warm start keeps per prompt, so a batch of 32 holds ~8 prompts).
+SFT_CHUNK = 4
 
 # --warm-start-loss (and the bon-sft method): its dataset and how the log names it.
 WARM_START_DATA: dict[str, tuple[Callable[..., Any], str]] = {
@@ -694,8 +705,8 @@ def build_sft_trainer(
         per_device_train_batch_size=batch,
         max_steps=steps,
         completion_only_loss=True,
-        # by-prompt: the dataset's own order, whole prompts together (_prompt_grouped_dataset).
-        train_sampling_strategy="sequential" if cfg.sft_batches == "by-prompt" else "random",
+        # by-prompt, prompt-chunks: the dataset's own order (_prompt_grouped_dataset).
+        train_sampling_strategy="random" if cfg.sft_batches == "shuffled" else "sequential",
         # Keeps the weight column (not a model input) for our collator.
         remove_unused_columns=not weighted,
         **training_arguments(cfg, cfg.sft_learning_rate, checkpoints=save_checkpoints),

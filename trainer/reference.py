@@ -14,7 +14,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -144,6 +144,14 @@ def close_llm(llm: Any) -> None:
     gc.collect()
 
 
+def prompt_progress(desc: str) -> Callable[..., Any]:
+    """vLLM's progress bar over finished prompts (LLM.generate's use_tqdm), named for the
+    stage it measures: the reference stage and the evaluation each run for minutes."""
+    from tqdm.auto import tqdm
+
+    return lambda **kwargs: tqdm(**{**kwargs, "desc": desc})
+
+
 def sample_with_vllm(
     llm: Any,
     openings: Sequence[str],
@@ -156,7 +164,10 @@ def sample_with_vllm(
 
     tok = llm.get_tokenizer()
     texts = [render_task(tok, o) for o in openings]
-    outs = llm.generate(texts, vllm_params(sampling, n=n), lora_request=lora, use_tqdm=False)
+    outs = llm.generate(
+        texts, vllm_params(sampling, n=n), lora_request=lora,
+        use_tqdm=prompt_progress(f"reference samples ({n} per prompt)"),
+    )  # fmt: skip
     return [[c.text for c in out.outputs] for out in outs]
 
 
