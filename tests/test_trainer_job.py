@@ -211,6 +211,11 @@ def test_warm_start_trains_then_rl_from_it(
     [
         ("advantage", "advantage-weighted reference samples", "shuffled"),
         ("bon-sft", "BoN-4 SFT", "by-prompt"),
+        (
+            "bon-weighted",
+            "reference samples weighted by their BoN-4 win probability",
+            "prompt-chunks",
+        ),
     ],
 )
 def test_other_warm_start_losses_train(
@@ -228,8 +233,9 @@ def test_other_warm_start_losses_train(
     with caplog.at_level(logging.INFO, logger="trainer"):
         assert main(args) == 0
     assert f"2 epochs of {what} on 2 prompts" in caplog.text
-    # by-prompt: the trainer reads the data in their own order (whole prompts per batch).
-    order = {"shuffled": "random", "by-prompt": "sequential"}[batches]
+    # by-prompt, prompt-chunks: the trainer reads the data in their own order.
+    order = {"shuffled": "random", "by-prompt": "sequential", "prompt-chunks": "sequential"}
+    order = order[batches]
     assert f"{order} order (--sft-batches {batches})" in caplog.text
     assert lora_b_norm(tmp_path / "runs" / "other" / "warm-start") > 0
     assert validate_adapter(tmp_path / "adapters" / "other").method == "vbon"

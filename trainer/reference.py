@@ -149,7 +149,13 @@ def prompt_progress(desc: str) -> Callable[..., Any]:
     stage it measures: the reference stage and the evaluation each run for minutes."""
     from tqdm.auto import tqdm
 
-    return lambda **kwargs: tqdm(**{**kwargs, "desc": desc})
+    def bar(*iterable: Any, **kwargs: Any) -> Any:
+        # vLLM opens two: one over the requests it adds (given the iterable), then this one.
+        if not iterable:
+            kwargs["desc"] = desc
+        return tqdm(*iterable, **kwargs)
+
+    return bar
 
 
 def sample_with_vllm(
