@@ -102,9 +102,10 @@ def test_warm_start_loss_is_checked(tmp_path: Path) -> None:
     bad.write_text(json.dumps({"warm_start_loss": "dpo"}))  # files skip argparse's choices
     with pytest.raises(ConfigError, match="--warm-start-loss must be one of bon-sft, advantage"):
         parse_config(["--config", str(bad)])
-    assert parse_config([]).sft_batches == "shuffled"
+    assert parse_config([]).sft_batches == "prompt-chunks"
     bad.write_text(json.dumps({"sft_batches": "sorted"}))
-    with pytest.raises(ConfigError, match="--sft-batches must be one of shuffled, by-prompt"):
+    must = "--sft-batches must be one of prompt-chunks, shuffled, by-prompt"
+    with pytest.raises(ConfigError, match=must):
         parse_config(["--config", str(bad)])
 
 

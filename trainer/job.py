@@ -598,10 +598,10 @@ def _prompt_grouped_dataset(
     """The SFT dataset: round after round, each round's prompts in a fresh seeded order, a
     prompt's examples next to each other. Read in that order (--sft-batches by-prompt), a
     batch holds whole prompts and each prompt goes through the model once per batch
-    (trainer.logprobs.shared_prefix_logits); --sft-batches prompt-chunks cuts each prompt's
-    examples into runs of SFT_CHUNK and orders the runs of all prompts at random, so a batch
-    shares each prompt's forward among ~SFT_CHUNK rows but mixes ~4x more prompts; shuffled
-    (the default), the trainer draws the examples at random. picks[round][prompt] maps a
+    (trainer.logprobs.shared_prefix_logits); --sft-batches prompt-chunks (the default) cuts
+    each prompt's examples into runs of SFT_CHUNK and orders the runs of all prompts at
+    random, so a batch shares each prompt's forward among ~SFT_CHUNK rows but mixes ~4x more
+    prompts; shuffled, the trainer draws the examples at random. picks[round][prompt] maps a
     sample index to its weight (`weighted`: kept as the `weight` column; BoN-SFT has none)."""
     import random
 

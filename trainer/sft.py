@@ -8,7 +8,8 @@ is a plain float32 cross-entropy on them: the same loss and gradient as TRL's up
 (tests/test_trainer_sft.py), and a BoN-SFT step of 32 examples on the embedded model went from
 ~11.8 s to ~7.5 s (docs/trainer.md). The batch is laid out as the RL stage's (prompts left-padded,
 completions after them), so the examples of one prompt in a batch share its forward
-(trainer.logprobs.shared_prefix_logits; --sft-batches by-prompt keeps them in one batch).
+(trainer.logprobs.shared_prefix_logits; --sft-batches prompt-chunks, the default, keeps runs
+of 4 of one prompt together, by-prompt all of them).
 """
 
 from __future__ import annotations
