@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import psutil
@@ -21,9 +22,17 @@ import pytest
 
 from trainer.job import SFT_CHUNK, main
 from vbon.adapters import validate_adapter
+from vbon.sampling import Sampling
 
 ROOT = Path(__file__).resolve().parent.parent
 OPENINGS = ["The film was", "I rented this", "The acting is", "This sequel"]
+
+
+def dataset_job(n: int = 2, seed: int = 0, batches: str = "shuffled") -> SimpleNamespace:
+    """What the SFT dataset builders read of a Job: its config's N, seed and batch order, and
+    the sampler's max tokens."""
+    cfg = SimpleNamespace(n=n, seed=seed, sft_batches=batches)
+    return SimpleNamespace(cfg=cfg, sampling=Sampling(max_tokens=16))
 
 
 @pytest.fixture(scope="module")
@@ -234,8 +243,9 @@ def test_other_warm_start_losses_train(
         assert main(args) == 0
     assert f"2 epochs of {what} on 2 prompts" in caplog.text
     # by-prompt, prompt-chunks: the trainer reads the data in their own order.
-    order = {"shuffled": "random", "by-prompt": "sequential", "prompt-chunks": "sequential"}
-    order = order[batches]
+    order = {"shuffled": "random", "by-prompt": "sequential", "prompt-chunks": "sequential"}[
+        batches
+    ]
     assert f"{order} order (--sft-batches {batches})" in caplog.text
     assert lora_b_norm(tmp_path / "runs" / "other" / "warm-start") > 0
     assert validate_adapter(tmp_path / "adapters" / "other").method == "vbon"
@@ -243,20 +253,16 @@ def test_other_warm_start_losses_train(
 
 def test_advantage_dataset_weights_the_samples_above_the_mean(embedded_model: Path) -> None:
     """Weight = log F-hat(r) - the prompt's mean log F-hat, for the samples above the mean."""
-    from types import SimpleNamespace
-
     from transformers import AutoTokenizer
 
     from trainer.job import advantage_dataset
     from trainer.reference import ReferenceRow
     from vbon.bon import log_cdf_hat
-    from vbon.sampling import Sampling
 
     tok = AutoTokenizer.from_pretrained(embedded_model)
     texts, rewards = [" Awful.", " Superb!", " Fine.", " Good."], [-0.5, 0.9, 0.1, 0.4]
-    cfg = SimpleNamespace(seed=0, sft_batches="shuffled")
-    job = SimpleNamespace(cfg=cfg, sampling=Sampling(max_tokens=16))
-    data = advantage_dataset(job, tok, [ReferenceRow("The film", texts, rewards)], rounds=3)
+    rows = [ReferenceRow("The film", texts, rewards)]
+    data = advantage_dataset(dataset_job(), tok, rows, rounds=3)
     log_f = [log_cdf_hat(sorted(rewards), r) for r in rewards]
     advantage = {t: lf - sum(log_f) / 4 for t, lf in zip(texts, log_f, strict=True)}
     assert advantage[" Superb!"] > advantage[" Good."] > 0 > advantage[" Fine."]
@@ -272,22 +278,18 @@ def test_advantage_dataset_weights_the_samples_above_the_mean(embedded_model: Pa
 def test_bon_weighted_dataset_weights_by_win_probability(embedded_model: Path) -> None:
     """Weight = the sample's BoN-N win probability among the M, scaled to average 1 over the
     kept samples; samples under the floor are left out."""
-    from types import SimpleNamespace
-
     from transformers import AutoTokenizer
 
     from trainer.job import BON_WEIGHT_FLOOR, bon_weighted_dataset
     from trainer.reference import ReferenceRow
     from vbon.bon import bon_win_probs
-    from vbon.sampling import Sampling
 
     tok = AutoTokenizer.from_pretrained(embedded_model)
     texts = [" Awful.", " Superb!", " Fine.", " Good.", " Bad.", " Nice."]
     rewards = [-0.5, 0.9, 0.1, 0.4, -0.3, 0.4]  # a tie: " Good." and " Nice."
     n = 4
-    cfg = SimpleNamespace(seed=0, n=n, sft_batches="shuffled")
-    job = SimpleNamespace(cfg=cfg, sampling=Sampling(max_tokens=16))
-    data = bon_weighted_dataset(job, tok, [ReferenceRow("The film", texts, rewards)], rounds=2)
+    rows = [ReferenceRow("The film", texts, rewards)]
+    data = bon_weighted_dataset(dataset_job(n), tok, rows, rounds=2)
     probs = dict(zip(texts, bon_win_probs(rewards, n), strict=True))
     kept = {t: p for t, p in probs.items() if p >= BON_WEIGHT_FLOOR}
     assert " Awful." not in kept and " Superb!" in kept  # (1/6)^4 is under the floor
@@ -306,14 +308,11 @@ def test_sft_data_keeps_each_prompts_examples_together(embedded_model: Path) -> 
     """The warm start's data come in training order (the trainer reads them sequentially): a
     prompt's examples next to each other, so one batch shares the prompt's forward; each round
     holds every prompt once, in a seeded order that differs between rounds."""
-    from types import SimpleNamespace
-
     from transformers import AutoTokenizer
 
     from trainer.job import bon_sft_dataset, bon_weighted_dataset
     from trainer.reference import ReferenceRow
     from vbon.prompts import render_task
-    from vbon.sampling import Sampling
 
     tok = AutoTokenizer.from_pretrained(embedded_model)
     openings = [f"Review {k}:" for k in range(12)]
@@ -331,14 +330,11 @@ def test_sft_data_keeps_each_prompts_examples_together(embedded_model: Path) -> 
                 order.append(opening)
         return order
 
-    def make_job(seed: int, n: int, batches: str = "by-prompt") -> SimpleNamespace:
-        return SimpleNamespace(cfg=SimpleNamespace(seed=seed, n=n, sft_batches=batches),
-                               sampling=Sampling(max_tokens=16))  # fmt: skip
-
     for make, n in ((bon_weighted_dataset, 4), (bon_sft_dataset, 2)):
         orders = []
         for seed in (0, 0, 1):
-            orders.append(prompt_order(make(make_job(seed, n), tok, rows, rounds=2)))
+            job = dataset_job(n, seed, "by-prompt")
+            orders.append(prompt_order(make(job, tok, rows, rounds=2)))
         first = orders[0]
         assert len(first) == 2 * len(openings)  # one run of examples per prompt and round
         assert sorted(first[:12]) == sorted(first[12:]) == sorted(openings)
@@ -347,7 +343,7 @@ def test_sft_data_keeps_each_prompts_examples_together(embedded_model: Path) -> 
 
     # prompt-chunks: BoN-4 keeps 5 of the 6 samples (the worst weighs < 1 %), in runs of 4 and
     # 1 of one prompt, the runs of all prompts in a seeded random order.
-    data = bon_weighted_dataset(make_job(0, 4, "prompt-chunks"), tok, rows, rounds=1)
+    data = bon_weighted_dataset(dataset_job(4, batches="prompt-chunks"), tok, rows, rounds=1)
     runs: list[tuple[str, int]] = []
     for ex in data:
         opening = prompts[tuple(ex["input_ids"][: ex["completion_mask"].index(1)])]
@@ -455,19 +451,15 @@ def test_bad_input_fails_fast_and_writes_nothing(
 def test_bon_sft_examples_end_like_the_samples_did(embedded_model: Path) -> None:
     """SFT data are the sampled tokens: EOS only after a sample that ended, none after one cut
     at max_tokens (TRL's default appends EOS to every completion), loss on the completion."""
-    from types import SimpleNamespace
-
     from transformers import AutoTokenizer
 
     from trainer.job import bon_sft_dataset
     from trainer.reference import ReferenceRow
     from vbon.prompts import render_task
-    from vbon.sampling import Sampling
 
     tok = AutoTokenizer.from_pretrained(embedded_model)
     long = " It was great" * 20  # more than max_tokens: the sampler cut it
-    cfg = SimpleNamespace(n=2, seed=0, sft_batches="shuffled")
-    job = SimpleNamespace(cfg=cfg, sampling=Sampling(max_tokens=16))
+    job = dataset_job()
     rows = [ReferenceRow("The film", [" Bad.", " Fine!", long, " Meh."], [-0.5, 0.4, 0.9, 0.0])]
     data = bon_sft_dataset(job, tok, rows)
     assert len(data) == 2  # the best of each group of N = 2
@@ -489,20 +481,17 @@ def test_bon_sft_rounds_draw_bon_n_from_fresh_partitions(embedded_model: Path) -
     group. A fixed partition would repeat one round's winners (the 3rd best never, or always)."""
     from collections import Counter
     from math import comb
-    from types import SimpleNamespace
 
     from transformers import AutoTokenizer
 
     from trainer.job import bon_sft_dataset
     from trainer.reference import ReferenceRow
     from vbon.prompts import render_task
-    from vbon.sampling import Sampling
 
     tok = AutoTokenizer.from_pretrained(embedded_model)
     texts = [" Awful.", " Superb!", " Fine.", " Good."]  # ranks 4, 1, 3, 2
     rows = [ReferenceRow("The film", texts, [-0.5, 0.9, 0.1, 0.4])]
-    cfg = SimpleNamespace(n=2, seed=0, sft_batches="shuffled")
-    job = SimpleNamespace(cfg=cfg, sampling=Sampling(max_tokens=16))
+    job = dataset_job()
     rounds = 600
     data = bon_sft_dataset(job, tok, rows, rounds=rounds)
     assert len(data) == 2 * rounds
