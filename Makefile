@@ -29,7 +29,7 @@ lint: install
 	$(VENV)/bin/ruff check .
 
 test: model lint
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
 
 test-fast: install
 	$(PY) -m pytest -q -m "not engine and not reliability" $(PYTEST_ARGS)
