@@ -8,6 +8,7 @@ with transformers' usual top_k=50 must be caught."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import pytest
 from trainer.config import TrainConfig
 from trainer.job import Job, build_rloo_trainer
 from trainer.logprobs import completion_logprobs
-from trainer.reference import close_llm
+from trainer.reference import ReferenceRow, cached_reference, close_llm, store_reference
 from vbon.prompts import default_prompt_file, load_prompts, render_task
 from vbon.rewards import load_reward
 from vbon.sampling import Sampling, vllm_params
@@ -183,7 +184,8 @@ def test_evaluation_scores_a_real_adapter(
     embedded_model: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
     """trainer.evaluate on the real engine: base and BoN from the same base samples, the
-    adapter through its LoRARequest, its KL from fp32 log-probabilities, progress shown."""
+    adapter through its LoRARequest, its KL from fp32 log-probabilities, progress shown; the
+    base samples go into the cache, and a second evaluation takes them from there."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -197,17 +199,23 @@ def test_evaluation_scores_a_real_adapter(
                         init_lora_weights=False)  # fmt: skip
     get_peft_model(base, config).save_pretrained(str(tmp_path / "adapter"))
     openings = load_prompts(default_prompt_file("eval"))[:3]
-    metrics = evaluate_adapter(
-        tmp_path / "adapter",
-        model_path=str(embedded_model),
-        reward=load_reward("vader"),
-        openings=openings,
-        n=2,
-        samples=2,
-        sampling=Sampling(max_tokens=8),
-        engine_settings=CoreSettings(model=str(embedded_model)),
-        lora_rank=4,
-    )
+    reward, sampling = load_reward("vader"), Sampling(max_tokens=8)
+
+    def evaluate() -> dict:
+        return evaluate_adapter(
+            tmp_path / "adapter",
+            model_path=str(embedded_model),
+            reward=reward,
+            openings=openings,
+            n=2,
+            samples=2,
+            sampling=sampling,
+            engine_settings=CoreSettings(model=str(embedded_model)),
+            lora_rank=4,
+            cache_dir=tmp_path / "cache",
+        )
+
+    metrics = evaluate()
     assert metrics["eval_prompts"] == 3 and metrics["eval_samples_per_prompt"] == 2
     # BoN-2 is the best of each pair of the same base samples whose mean is the base reward.
     assert metrics["reward_bon2"] >= metrics["reward_base"]
@@ -217,3 +225,24 @@ def test_evaluation_scores_a_real_adapter(
     err = capfd.readouterr().err
     assert "evaluation: base model (4 per prompt)" in err
     assert "evaluation: adapter (2 per prompt)" in err
+    assert metrics["eval_base_samples_cached"] is False
+
+    # The base samples, scored, in the trainer's cache under the key of these prompts, N x
+    # samples, the sampling and the reward.
+    rows, path, _ = cached_reference(tmp_path / "cache", str(embedded_model), openings, 4,
+                                     sampling, reward)  # fmt: skip
+    assert rows is not None and [r.prompt for r in rows] == openings
+    for row in rows:
+        assert len(row.responses) == 4
+        assert row.rewards == pytest.approx(reward.score([row.prompt] * 4, row.responses))
+    assert float(np.mean([np.mean(r.rewards) for r in rows])) == pytest.approx(
+        metrics["reward_base"], abs=1e-4
+    )
+    # Read back, not drawn again: rewards put into the cache are the ones summarised.
+    made_up = [ReferenceRow(r.prompt, r.responses, [-1.0, 1.0, -1.0, 0.5]) for r in rows]
+    store_reference(path, json.loads(path.with_suffix(".key.json").read_text()), made_up)
+    again = evaluate()
+    assert again["eval_base_samples_cached"] is True
+    assert again["reward_base"] == pytest.approx(-0.125) and again["reward_bon2"] == 0.75
+    err = capfd.readouterr().err
+    assert "evaluation: base model" not in err and "evaluation: adapter (2 per prompt)" in err

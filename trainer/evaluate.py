@@ -7,7 +7,7 @@ from the adapter's samples as sum_t log pi(y_t) - log pi_base(y_t) with transfor
 (adapter on / off). Standard errors are across prompts (prompt means), the gain fraction's by
 bootstrap over prompts.
 
-    python -m trainer.evaluate adapters/vbon-n8 [--write]
+    python -m trainer.evaluate adapters/vbon-n8 [--write] [--cache-dir runs/cache]
 """
 
 from __future__ import annotations
@@ -110,26 +110,46 @@ def evaluate_adapter(
     engine_settings: Any,
     lora_rank: int = 16,
     seed: int = 0,
+    cache_dir: Path | None = None,
 ) -> dict[str, Any]:
+    """The metrics of summarise(), with the evaluation's size and time. With `cache_dir`, the
+    base model's samples come from, or go into, the same cache as the trainer's reference
+    samples (trainer.reference.cached_reference: keyed by the model, the prompts, N x samples,
+    the sampling and the reward): every adapter evaluated on one machine is then compared
+    with the same base and BoN-N samples (its gain fraction differs from another's by the
+    adapters alone), and an evaluation draws only the adapter's samples, ~40 % of the time."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
     from vllm.lora.request import LoRARequest
 
     from trainer.logprobs import completion_logprobs
-    from trainer.reference import build_lora_llm, close_llm, prompt_progress
+    from trainer.reference import (
+        ReferenceRow,
+        build_lora_llm,
+        cached_reference,
+        close_llm,
+        prompt_progress,
+        store_reference,
+    )
     from vbon.prompts import render_task
 
     t0 = time.monotonic()
+    cache = None
+    if cache_dir is not None:
+        cache = cached_reference(cache_dir, model_path, openings, n * samples, sampling, reward)
+    base_rows = cache[0] if cache is not None else None
     llm = build_lora_llm(engine_settings, model_path, lora_rank)
     try:
         tok = llm.get_tokenizer()
         texts = [render_task(tok, o) for o in openings]
         lora = LoRARequest("eval-adapter", 1, str(adapter_dir.resolve()))
-        base_out = llm.generate(
-            texts, vllm_params(sampling, n=n * samples),
-            use_tqdm=prompt_progress(f"evaluation: base model ({n * samples} per prompt)"),
-        )  # fmt: skip
+        base_out = None
+        if base_rows is None:
+            base_out = llm.generate(
+                texts, vllm_params(sampling, n=n * samples),
+                use_tqdm=prompt_progress(f"evaluation: base model ({n * samples} per prompt)"),
+            )  # fmt: skip
         tr_out = llm.generate(
             texts, vllm_params(sampling, n=samples), lora_request=lora,
             use_tqdm=prompt_progress(f"evaluation: adapter ({samples} per prompt)"),
@@ -137,10 +157,17 @@ def evaluate_adapter(
     finally:
         close_llm(llm)
     t_gen = time.monotonic() - t0
-    base_rewards = [
-        reward.score([o] * len(out.outputs), [c.text for c in out.outputs])
-        for o, out in zip(openings, base_out, strict=True)
-    ]
+    from_cache = base_rows is not None
+    if base_rows is None:
+        assert base_out is not None
+        base_rows = []
+        for o, out in zip(openings, base_out, strict=True):
+            responses = [c.text for c in out.outputs]
+            scores = reward.score([o] * len(responses), responses)
+            base_rows.append(ReferenceRow(o, responses, [float(r) for r in scores]))
+        if cache is not None:
+            store_reference(cache[1], cache[2], base_rows)
+    base_rewards = [row.rewards for row in base_rows]
     tr_rewards = [
         reward.score([o] * len(out.outputs), [c.text for c in out.outputs])
         for o, out in zip(openings, tr_out, strict=True)
@@ -165,6 +192,7 @@ def evaluate_adapter(
         eval_n=n,
         eval_seconds=round(time.monotonic() - t0, 1),
         eval_generation_seconds=round(t_gen, 1),
+        eval_base_samples_cached=from_cache,
     )
     return metrics
 
@@ -183,6 +211,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=2, help="samples (groups) per prompt")
     parser.add_argument("--n", type=int, default=0, help="BoN-N to compare (default: adapter's N)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--cache-dir", default="runs/cache",
+        help="the base model's samples are read from / written to this folder, shared with "
+        "the trainer's reference samples (python -m trainer's <work-dir>/cache), so adapters "
+        "are compared on the same base samples; '' draws them anew and keeps nothing",
+    )  # fmt: skip
     parser.add_argument("--write", action="store_true", help="store the metrics in vbon.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -205,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         args.adapter, model_path=meta.base_model, reward=reward, openings=openings, n=n,
         samples=args.samples, sampling=sampling, engine_settings=settings,
         lora_rank=meta.lora_rank or 16, seed=args.seed,
+        cache_dir=Path(args.cache_dir) if args.cache_dir else None,
     )
     print(json.dumps(metrics, indent=2))
     if args.write:

@@ -866,6 +866,7 @@ def _evaluate(job: Job, folder: Path) -> dict[str, Any]:
             engine_settings=job.engine_settings,
             lora_rank=job.cfg.lora_rank,
             seed=job.cfg.seed,
+            cache_dir=Path(job.cfg.work_dir) / "cache",
         )
     except Exception as exc:  # the trained adapter is worth publishing without its metrics
         logger.exception("evaluation failed; publishing without evaluation metrics")

@@ -205,6 +205,32 @@ def compute_reference(
     return rows
 
 
+def cached_reference(
+    cache_dir: Path, model_path: str, openings: Sequence[str], m: int, sampling: Sampling,
+    reward: Any,
+) -> tuple[list[ReferenceRow] | None, Path, dict[str, Any]]:
+    """The cached base-model samples for these prompts (None when absent or stale), the cache
+    file they belong in, and their key (see cache_key)."""
+    from trainer.config import stable_hash
+
+    key = cache_key(model_path, openings, m, sampling, reward.describe())
+    path = cache_dir / f"reference-{stable_hash(key)[:16]}.jsonl"
+    if path.is_file():
+        try:
+            rows = read_reference_file(path, min_samples=m)
+            if [r.prompt for r in rows] == list(openings):
+                logger.info("base-model samples from cache %s", path)
+                return rows, path, key
+        except ConfigError as exc:
+            logger.warning("ignoring unreadable sample cache %s: %s", path, exc)
+    return None, path, key
+
+
+def store_reference(path: Path, key: dict[str, Any], rows: Sequence[ReferenceRow]) -> None:
+    write_reference_file(path, rows)
+    write_json_atomic(path.with_suffix(".key.json"), key)
+
+
 def load_or_compute_reference(
     *,
     cache_dir: Path,
@@ -215,19 +241,9 @@ def load_or_compute_reference(
     reward: Any,
     engine_settings: Any,
 ) -> tuple[list[ReferenceRow], Path]:
-    from trainer.config import stable_hash
-
-    key = cache_key(model_path, openings, m, sampling, reward.describe())
-    digest = stable_hash(key)[:16]
-    path = cache_dir / f"reference-{digest}.jsonl"
-    if path.is_file():
-        try:
-            rows = read_reference_file(path, min_samples=m)
-            if [r.prompt for r in rows] == list(openings):
-                logger.info("reference samples from cache %s", path)
-                return rows, path
-        except ConfigError as exc:
-            logger.warning("ignoring unreadable reference cache %s: %s", path, exc)
+    rows, path, key = cached_reference(cache_dir, model_path, openings, m, sampling, reward)
+    if rows is not None:
+        return rows, path
     rows = compute_reference(
         model_path=model_path,
         openings=openings,
@@ -236,6 +252,5 @@ def load_or_compute_reference(
         reward=reward,
         engine_settings=engine_settings,
     )
-    write_reference_file(path, rows)
-    write_json_atomic(path.with_suffix(".key.json"), key)
+    store_reference(path, key, rows)
     return rows, path
