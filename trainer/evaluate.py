@@ -125,31 +125,33 @@ def evaluate_adapter(
 
     from trainer.logprobs import completion_logprobs
     from trainer.reference import (
-        ReferenceRow,
         build_lora_llm,
         cached_reference,
         close_llm,
         prompt_progress,
+        sample_with_vllm,
+        scored_rows,
         store_reference,
     )
     from vbon.prompts import render_task
 
     t0 = time.monotonic()
-    cache = None
-    if cache_dir is not None:
-        cache = cached_reference(cache_dir, model_path, openings, n * samples, sampling, reward)
-    base_rows = cache[0] if cache is not None else None
+    base_rows, cache_path, key = (
+        cached_reference(cache_dir, model_path, openings, n * samples, sampling, reward)
+        if cache_dir is not None
+        else (None, None, None)
+    )
+    from_cache = base_rows is not None
     llm = build_lora_llm(engine_settings, model_path, lora_rank)
     try:
         tok = llm.get_tokenizer()
         texts = [render_task(tok, o) for o in openings]
         lora = LoRARequest("eval-adapter", 1, str(adapter_dir.resolve()))
-        base_out = None
-        if base_rows is None:
-            base_out = llm.generate(
-                texts, vllm_params(sampling, n=n * samples),
-                use_tqdm=prompt_progress(f"evaluation: base model ({n * samples} per prompt)"),
-            )  # fmt: skip
+        base_samples = None
+        if not from_cache:
+            base_samples = sample_with_vllm(
+                llm, openings, n * samples, sampling, stage="evaluation: base model"
+            )
         tr_out = llm.generate(
             texts, vllm_params(sampling, n=samples), lora_request=lora,
             use_tqdm=prompt_progress(f"evaluation: adapter ({samples} per prompt)"),
@@ -157,21 +159,14 @@ def evaluate_adapter(
     finally:
         close_llm(llm)
     t_gen = time.monotonic() - t0
-    from_cache = base_rows is not None
     if base_rows is None:
-        assert base_out is not None
-        base_rows = []
-        for o, out in zip(openings, base_out, strict=True):
-            responses = [c.text for c in out.outputs]
-            scores = reward.score([o] * len(responses), responses)
-            base_rows.append(ReferenceRow(o, responses, [float(r) for r in scores]))
-        if cache is not None:
-            store_reference(cache[1], cache[2], base_rows)
+        assert base_samples is not None
+        base_rows = scored_rows(openings, base_samples, reward)
+        if cache_path is not None and key is not None:
+            store_reference(cache_path, key, base_rows)
     base_rewards = [row.rewards for row in base_rows]
-    tr_rewards = [
-        reward.score([o] * len(out.outputs), [c.text for c in out.outputs])
-        for o, out in zip(openings, tr_out, strict=True)
-    ]
+    tr_samples = [[c.text for c in out.outputs] for out in tr_out]
+    tr_rewards = [row.rewards for row in scored_rows(openings, tr_samples, reward)]
     prompt_ids, comp_ids, tr_texts = [], [], []
     for out in tr_out:
         for c in out.outputs:

@@ -164,15 +164,17 @@ def sample_with_vllm(
     n: int,
     sampling: Sampling,
     lora: Any | None = None,
+    stage: str = "reference samples",
 ) -> list[list[str]]:
-    """n completions per opening: one request with n=N per prompt, all prompts batched."""
+    """n completions per opening: one request with n=N per prompt, all prompts batched; the
+    progress bar is named `stage`."""
     from vbon.prompts import render_task
 
     tok = llm.get_tokenizer()
     texts = [render_task(tok, o) for o in openings]
     outs = llm.generate(
         texts, vllm_params(sampling, n=n), lora_request=lora,
-        use_tqdm=prompt_progress(f"reference samples ({n} per prompt)"),
+        use_tqdm=prompt_progress(f"{stage} ({n} per prompt)"),
     )  # fmt: skip
     return [[c.text for c in out.outputs] for out in outs]
 
@@ -197,11 +199,19 @@ def compute_reference(
         samples = sample_with_vllm(llm, openings, m, sampling)
     finally:
         close_llm(llm)
+    rows = scored_rows(openings, samples, reward)
+    logger.info("reference samples done in %.0f s", time.monotonic() - t0)
+    return rows
+
+
+def scored_rows(
+    openings: Sequence[str], samples: Sequence[list[str]], reward: Any
+) -> list[ReferenceRow]:
+    """Each opening's samples with their rewards (one batched reward call per prompt)."""
     rows = []
     for opening, responses in zip(openings, samples, strict=True):
         rewards = reward.score([opening] * len(responses), responses)
         rows.append(ReferenceRow(opening, responses, [float(r) for r in rewards]))
-    logger.info("reference samples done in %.0f s", time.monotonic() - t0)
     return rows
 
 
