@@ -118,22 +118,105 @@ def error_response(err: APIError) -> JSONResponse:
     )
 
 
-def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
-    parts = []
-    first_param: str | None = None
+# pydantic names the member of a union that failed inside `loc` ("list[str]",
+# "function-after[_encodable(), str]"); users know the field, not our validators.
+_UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+_KINDS = {
+    "string_type": "a string",
+    "list_type": "a list",
+    "int_type": "an integer",
+    "int_parsing": "an integer",
+    "int_parsing_size": "an integer",
+    "int_from_float": "an integer",
+    "float_type": "a number",
+    "float_parsing": "a number",
+    "finite_number": "a finite number",
+    "bool_type": "true or false",
+    "bool_parsing": "true or false",
+    "dict_type": "an object",
+    "model_type": "an object",
+    "model_attributes_type": "an object",
+}
+_BOUND_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}
+
+
+def _clean_loc(loc: Any) -> str | None:
+    parts = [
+        str(p)
+        for p in loc
+        if p != "body" and not (isinstance(p, str) and ("[" in p or p in _UNION_TAGS))
+    ]
+    return ".".join(parts) or None
+
+
+def _body_model(request: Request | None) -> type[BaseModel] | None:
+    route = request.scope.get("route") if request is not None else None
+    field = getattr(route, "body_field", None)
+    model = getattr(getattr(field, "field_info", None), "annotation", None)
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _allowed_range(
+    model: type[BaseModel] | None, name: str, upper_limits: dict[str, int]
+) -> str | None:
+    """'1 <= n <= 32' from the request model's constraints and the server's own limits
+    (VBON_MAX_N, ...), for a top-level numeric field; None where there is none."""
+    field = model.model_fields.get(name) if model is not None and "." not in name else None
+    if field is None:
+        return None
+    low = high = None
+    for rule in field.metadata:
+        if getattr(rule, "ge", None) is not None:
+            low = (rule.ge, "<=")
+        elif getattr(rule, "gt", None) is not None:
+            low = (rule.gt, "<")
+        if getattr(rule, "le", None) is not None:
+            high = (rule.le, "<=")
+        elif getattr(rule, "lt", None) is not None:
+            high = (rule.lt, "<")
+    if name in upper_limits:
+        high = (upper_limits[name], "<=")
+    if low and high:
+        return f"{low[0]} {low[1]} {name} {high[1]} {high[0]}"
+    if low:
+        return f"{name} {low[1].replace('<', '>')} {low[0]}"
+    return f"{name} {high[1]} {high[0]}" if high else None
+
+
+def _describe_validation(
+    exc: RequestValidationError,
+    request: Request | None = None,
+    upper_limits: dict[str, int] | None = None,
+) -> tuple[str, str | None]:
+    """One sentence per field: what is wrong and what is allowed (the range, the types)."""
+    model = _body_model(request)
+    limits = upper_limits or {}
+    grouped: dict[str | None, list[dict[str, Any]]] = {}
     for err in exc.errors():
-        loc = [str(p) for p in err.get("loc", ()) if p not in ("body",)]
-        param = ".".join(loc) or None
+        grouped.setdefault(_clean_loc(err.get("loc", ())), []).append(err)
+    parts: list[str] = []
+    first_param: str | None = None
+    for param, errs in grouped.items():
         first_param = first_param or param
-        msg = err.get("msg", "invalid value")
-        msg = msg.removeprefix("Value error, ")
-        if err.get("type") == "json_invalid":
+        err = errs[0]
+        kind = err.get("type")
+        msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+        allowed = _allowed_range(model, param, limits) if param else None
+        if kind == "json_invalid":
             parts.append("the body is not valid JSON: send a JSON object")
-            first_param = None
-        elif err.get("type") == "missing":
+            first_param = None if first_param == param else first_param
+        elif kind == "missing":
             parts.append(f"'{param}' is required")
-        elif err.get("type") == "extra_forbidden":
+        elif kind == "extra_forbidden":
             parts.append(f"'{param}' is not a known field")
+        elif param and kind in _BOUND_ERRORS and allowed:
+            parts.append(f"'{param}' is {err.get('input')!r}; allowed: {allowed}")
+        elif param and all(e.get("type") in _KINDS for e in errs):
+            kinds = " or ".join(dict.fromkeys(_KINDS[e["type"]] for e in errs))
+            got = repr(err.get("input"))
+            got = got if len(got) <= 40 else got[:37] + "..."
+            suffix = f"; allowed: {allowed}" if allowed else ""
+            parts.append(f"'{param}' must be {kinds} (got {got}){suffix}")
         elif param:
             parts.append(f"'{param}': {msg}")
         else:
@@ -141,14 +224,16 @@ def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
     return "; ".join(parts) or "invalid request", first_param
 
 
-def install_error_handlers(app: FastAPI) -> None:
+def install_error_handlers(app: FastAPI, upper_limits: dict[str, int] | None = None) -> None:
+    """`upper_limits`: the server's own caps on request fields (n, max_tokens), named in the
+    400s as the top of the allowed range."""
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
         return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param = _describe_validation(exc)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _describe_validation(exc, request, upper_limits)
         return JSONResponse(error_body(400, message, param), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)

@@ -93,12 +93,12 @@ class Gateway:
         s = self.settings
         if n > s.max_n:
             raise APIError(
-                400, f"'n' is {n}; this server allows 1..{s.max_n} (VBON_MAX_N)", param="n"
+                400, f"'n' is {n}; allowed: 1 <= n <= {s.max_n} (VBON_MAX_N)", param="n"
             )
         if sampling.max_tokens > s.max_tokens_limit:
             raise APIError(
                 400,
-                f"'max_tokens' is {sampling.max_tokens}; this server allows 1.."
+                f"'max_tokens' is {sampling.max_tokens}; allowed: 1 <= max_tokens <= "
                 f"{s.max_tokens_limit} (VBON_MAX_TOKENS_LIMIT)",
                 param="max_tokens",
             )

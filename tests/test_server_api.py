@@ -100,14 +100,20 @@ BAD_BON = [
     ({"n": 4}, "prompt"),
     ({"prompt": "", "n": 4}, "must not be empty"),
     ({"prompt": "a", "messages": [{"role": "user", "content": "b"}]}, "only one"),
-    ({"prompt": "a", "n": 0}, "'n'"),
-    ({"prompt": "a", "n": 17}, "1..16"),
-    ({"prompt": "a", "max_tokens": 0}, "'max_tokens'"),
-    ({"prompt": "a", "max_tokens": 65}, "1..64"),
-    ({"prompt": "a", "temperature": -1}, "'temperature'"),
-    ({"prompt": "a", "top_p": 0}, "'top_p'"),
-    ({"prompt": "a", "n": "many"}, "'n'"),
-    ({"prompt": ["a"]}, "'prompt'"),
+    # Each out-of-range number names the field, the value and the whole allowed range.
+    ({"prompt": "a", "n": 0}, "'n' is 0; allowed: 1 <= n <= 16"),
+    ({"prompt": "a", "n": 17}, "'n' is 17; allowed: 1 <= n <= 16"),
+    ({"prompt": "a", "max_tokens": 0}, "'max_tokens' is 0; allowed: 1 <= max_tokens <= 64"),
+    ({"prompt": "a", "max_tokens": 65}, "'max_tokens' is 65; allowed: 1 <= max_tokens <= 64"),
+    ({"prompt": "a", "temperature": -1}, "allowed: 0.0 <= temperature <= 10.0"),
+    ({"prompt": "a", "top_p": 0}, "'top_p' is 0; allowed: 0.0 < top_p <= 1.0"),
+    ({"prompt": "a", "seed": -1}, "allowed: 0 <= seed <= 2147483647"),
+    ({"prompt": "a", "n": "x"}, "'n' must be an integer (got 'x'); allowed: 1 <= n <= 16"),
+    ({"prompt": ["a"]}, "'prompt' must be a string (got ['a'])"),
+    # A union's members are ours to know: one sentence for the field, not one per member.
+    ({"prompt": "a", "stop": 5}, "'stop' must be a list or a string (got 5)"),
+    ({"prompt": "a", "top_k": 1.5}, "'top_k' must be an integer (got 1.5); allowed: top_k >= 0"),
+    ({"messages": "hi"}, "'messages' must be a list (got 'hi')"),
     ({"prompt": "a", "bogus": 1}, "'bogus' is not a known field"),
     ({"prompt": "word " * 60}, "the prompt has 60 tokens; the limit is 50"),
     ({"prompt": "a", "stop": ["a", "b", "c", "d", "e"]}, "at most 4"),
@@ -206,8 +212,13 @@ def test_reward_failure_is_a_clear_500(tmp_path: Path) -> None:
             return {"backend": "broken"}
 
     settings = ServerSettings(adapters_dir=tmp_path, adapter_poll_s=0)
+    # Loaded before the first request (as make_client does): with the load in the background a
+    # busy machine answered 503 (not ready yet) instead of the 500 under test.
     app = create_app(
-        settings, backend_factory=lambda s: FakeBackend(), reward_factory=lambda s: Broken()
+        settings,
+        backend_factory=lambda s: FakeBackend(),
+        reward_factory=lambda s: Broken(),
+        background_load=False,
     )
     with TestClient(app, raise_server_exceptions=False) as c:
         r = c.post("/v1/bon", json={"prompt": "a", "n": 2})
@@ -364,9 +375,13 @@ def test_chat_completions_base_bon_and_vbon(tmp_path: Path) -> None:
         ({"model": "fake-model", "prompt": "a", "best_of": 1, "n": 2}, 400, "must be >= n"),
         ({"model": "fake-model", "prompt": "a", "best_of": 4, "stream": True}, 400, "stream"),
         ({"model": "fake-model", "prompt": "a", "logprobs": 3}, 400, "logprobs"),
-        ({"model": "fake-model", "prompt": "a", "best_of": 64}, 400, "1..16"),
+        ({"model": "fake-model", "prompt": "a", "best_of": 64}, 400, "1 <= n <= 16"),
         ({"model": "bon-4", "prompt": "a", "best_of": 8}, 400, "best_of=4"),
         ({"model": "fake-model", "prompt": ""}, 400, "non-empty"),
+        ({"model": "fake-model", "prompt": "a", "best_of": 0}, 400, "1 <= best_of <= 16"),
+        ({"model": "fake-model", "prompt": "a", "max_tokens": 0}, 400, "1 <= max_tokens <= 64"),
+        ({"model": "fake-model", "prompt": "a", "top_p": 2}, 400, "'top_p' is 2; allowed: 0.0 <"),
+        ({"model": "fake-model", "prompt": "a", "stop": 5}, 400, "'stop' must be"),
     ],
 )
 def test_openai_errors_follow_openai_shape(
