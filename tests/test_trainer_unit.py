@@ -82,12 +82,22 @@ def test_rl_prompts_default_to_a_held_back_slice_of_the_training_prompts() -> No
         (["--method", "kl-rl", "--beta", "0.1", "--warm-start-epochs", "1"], "vbon only"),
         (["--warm-start-from", "w", "--warm-start-epochs", "0"], "replaces vbon's warm start"),
         (["--method", "bon-sft", "--warm-start-from", "w"], "needs --method vbon"),
+        (["--adam-beta1", "1"], "--adam-beta1 must lie in [0, 1)"),
     ],
 )
 def test_bad_settings_say_how_to_fix(argv: list[str], needle: str) -> None:
     with pytest.raises(ConfigError) as err:
         parse_config(argv)
     assert needle in str(err.value)
+
+
+def test_optimizer_settings_reach_both_stages() -> None:
+    from trainer.job import training_arguments
+
+    cfg = parse_config(["--adam-beta1", "0.98", "--max-grad-norm", "0.5"])
+    args = training_arguments(cfg, 1e-4)
+    assert (args["adam_beta1"], args["max_grad_norm"], args["learning_rate"]) == (0.98, 0.5, 1e-4)
+    assert training_arguments(parse_config([]), 5e-5)["adam_beta1"] == 0.98
 
 
 def test_warm_start_loss_is_checked(tmp_path: Path) -> None:

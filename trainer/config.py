@@ -139,6 +139,16 @@ class TrainConfig:
     )
     warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up steps."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
+    adam_beta1: float = field(
+        default=0.98,
+        metadata={
+            "help": "AdamW's first-moment decay, both stages. Adam moves every weight by about "
+            "the learning rate, whatever the signal-to-noise ratio of its gradient; averaging "
+            "the noisy per-step gradients over ~50 steps (0.98) instead of ~10 (0.9, "
+            "transformers' default) moved the CPU recipe's adapters further per nat of KL "
+            "(run AP in docs/trainer.md)."
+        },
+    )
     kl_penalty: str = field(
         default="sequence",
         metadata={
@@ -439,6 +449,8 @@ class TrainConfig:
             errors.append("--num-prompts / --eval-num-prompts must be >= 0 (0: all)")
         if self.m < 1:
             errors.append(f"--m must be >= 1, got {self.m}")
+        if not 0 <= self.adam_beta1 < 1:
+            errors.append(f"--adam-beta1 must lie in [0, 1), got {self.adam_beta1}")
         if not 0 <= self.lora_dropout < 1:
             errors.append(f"--lora-dropout must lie in [0, 1), got {self.lora_dropout}")
         if self.max_kl is not None and self.max_kl < 0:

@@ -385,6 +385,7 @@ def training_arguments(
         "lr_scheduler_type": cfg.lr_schedule,
         "warmup_steps": cfg.warmup_steps,
         "max_grad_norm": cfg.max_grad_norm,
+        "adam_beta1": cfg.adam_beta1,
         "gradient_checkpointing": False,
         "bf16": torch_dtype_choice(cfg) == "bfloat16",
         "logging_steps": 1,
