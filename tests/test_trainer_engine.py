@@ -3,8 +3,8 @@ RLOOTrainer: TRL's own generate, and the trainer's vLLM engine with the current 
 vLLM path (reference samples, gateway, evaluation) must draw from the same distribution for
 the same prompts. Compared on the base model: prompt tokens (exactly equal),
 then reward, completion length and the base model's own per-token log-probability of the
-samples (paired by prompt, z-tests), and the rewards' two-sample KS statistic. A control run
-with transformers' usual top_k=50 must be caught."""
+samples (paired by prompt, z-tests), and the rewards' two-sample KS statistic. A control
+must be caught: samples with transformers' usual top_k=50 default."""
 
 from __future__ import annotations
 
@@ -65,28 +65,33 @@ def statistics(job: Job, model, tok, openings, prompt_ids, completion_ids, texts
     return r, lengths, per_token
 
 
+def _drawn(outs) -> tuple[list, list, list]:
+    return (
+        [list(o.prompt_token_ids) for o in outs for _ in o.outputs],
+        [list(c.token_ids) for o in outs for c in o.outputs],
+        [c.text for o in outs for c in o.outputs],
+    )
+
+
 @pytest.fixture(scope="module")
 def vllm_samples(embedded_model: Path):
-    """The gateway's path: one request with n per prompt, through vbon.engine."""
+    """The gateway's path: one request with n per prompt, through vbon.engine; and the same
+    with top_k=50 (the control), drawn on the same engine."""
     from vbon.engine import build_llm
 
     openings = load_prompts(default_prompt_file("eval"))[:PROMPTS]
     llm = build_llm(CoreSettings(), model_path=str(embedded_model))
     try:
         tok_v = llm.get_tokenizer()
-        outs = llm.generate(
-            [render_task(tok_v, o) for o in openings],
-            vllm_params(Sampling(max_tokens=MAX_TOKENS), n=PER_PROMPT),
-            use_tqdm=False,
+        prompts = [render_task(tok_v, o) for o in openings]
+        sampling = Sampling(max_tokens=MAX_TOKENS)
+        outs = llm.generate(prompts, vllm_params(sampling, n=PER_PROMPT), use_tqdm=False)
+        control = llm.generate(
+            prompts, vllm_params(sampling.with_(top_k=50), n=PER_PROMPT), use_tqdm=False
         )
     finally:
         close_llm(llm)
-    return (
-        openings,
-        [list(o.prompt_token_ids) for o in outs for _ in o.outputs],
-        [list(c.token_ids) for o in outs for c in o.outputs],
-        [c.text for o in outs for c in o.outputs],
-    )
+    return openings, _drawn(outs), _drawn(control)
 
 
 def training_rollouts(trainer, tok, openings):
@@ -122,9 +127,9 @@ def job_trainer(embedded_model: Path, tmp_path: Path, openings, rollouts: str):
     return job, trainer
 
 
-def compare(job, model, tok, openings, vllm_side, train_side) -> tuple[dict, str]:
-    v = statistics(job, model, tok, openings, *vllm_side)
-    t = statistics(job, model, tok, openings, *train_side)
+def compare(v, t) -> str:
+    """Fails when the two sides' statistics (rewards, lengths, per-token log-probabilities)
+    differ; returns the report."""
     z = {
         name: paired_z(a, b) for name, a, b in zip(("reward", "length", "logp"), v, t, strict=True)
     }
@@ -135,27 +140,24 @@ def compare(job, model, tok, openings, vllm_side, train_side) -> tuple[dict, str
     )
     assert all(abs(x) < 4.0 for x in z.values()), report
     assert d < crit, report
-    return z, report
+    return report
 
 
 def test_transformers_rollouts_match_vllm(embedded_model: Path, tmp_path: Path, vllm_samples):
-    openings, v_prompt_ids, v_comp_ids, v_texts = vllm_samples
+    openings, v_side, control = vllm_samples
     job, trainer = job_trainer(embedded_model, tmp_path, openings, "transformers")
     tok = trainer.processing_class
     model = trainer.accelerator.unwrap_model(trainer.model)
 
-    t_prompt_ids, t_comp_ids, t_texts = training_rollouts(trainer, tok, openings)
+    t_side = training_rollouts(trainer, tok, openings)
     # The same prompt text becomes the same tokens on both paths (no BOS or template drift).
-    assert t_prompt_ids == v_prompt_ids
-    v_side = (v_prompt_ids, v_comp_ids, v_texts)
-    _, report = compare(job, model, tok, openings, v_side, (t_prompt_ids, t_comp_ids, t_texts))
-
-    # Control: transformers' common default top_k=50 on the training path must be detected.
-    trainer.generation_config.top_k = 50
-    trainer.generation_kwargs["top_k"] = 50
-    c_prompt_ids, c_comp_ids, c_texts = training_rollouts(trainer, tok, openings)
+    assert t_side[0] == v_side[0]
     v = statistics(job, model, tok, openings, *v_side)
-    c = statistics(job, model, tok, openings, c_prompt_ids, c_comp_ids, c_texts)
+    report = compare(v, statistics(job, model, tok, openings, *t_side))
+
+    # Control: the same statistics catch top_k=50 (transformers' common default), here in
+    # samples drawn with it; a training path that let it slip in would fail the same way.
+    c = statistics(job, model, tok, openings, *control)
     assert abs(paired_z(v[2], c[2])) >= 4.0, f"top_k=50 went unnoticed: {report}"
 
 
@@ -164,20 +166,20 @@ def test_vllm_rollouts_match_the_gateway_path(
 ) -> None:
     """--rollouts vllm (the default): the trainer's own engine, fed the untrained LoRA (B = 0)
     through TRL's rollout hook, samples what the gateway's path samples from the base model."""
-    openings, v_prompt_ids, v_comp_ids, v_texts = vllm_samples
+    openings, v_side, _ = vllm_samples
     job, trainer = job_trainer(embedded_model, tmp_path, openings, "vllm")
     tok = trainer.processing_class
     model = trainer.accelerator.unwrap_model(trainer.model)
     trainer.rollouts.start()
     try:
-        t_prompt_ids, t_comp_ids, t_texts = training_rollouts(trainer, tok, openings)
+        t_side = training_rollouts(trainer, tok, openings)
         assert trainer.rollouts.synced_step == 0 and trainer.rollouts.lora is not None
     finally:
         trainer.rollouts.close()
     assert not trainer.rollouts.folder.exists()
-    assert t_prompt_ids == v_prompt_ids
-    compare(job, model, tok, openings, (v_prompt_ids, v_comp_ids, v_texts),
-            (t_prompt_ids, t_comp_ids, t_texts))  # fmt: skip
+    assert t_side[0] == v_side[0]
+    v = statistics(job, model, tok, openings, *v_side)
+    compare(v, statistics(job, model, tok, openings, *t_side))
 
 
 def test_evaluation_scores_a_real_adapter(
