@@ -145,8 +145,9 @@ class TrainConfig:
             "help": "AdamW's first-moment decay, both stages. Adam moves every weight by about "
             "the learning rate, whatever the signal-to-noise ratio of its gradient; averaging "
             "the noisy per-step gradients over ~50 steps (0.98) instead of ~10 (0.9, "
-            "transformers' default) gave the CPU recipe's adapters more reward per nat of KL "
-            "(runs AP-AQ in docs/trainer.md: c 0.56-0.57 against 0.51-0.56)."
+            "transformers' default) gave the CPU recipe's adapters about as much or a little "
+            "more reward per nat of KL (runs AP-AR in docs/trainer.md: c 0.53-0.57 against "
+            "0.51-0.56)."
         },
     )
     kl_penalty: str = field(
