@@ -204,7 +204,7 @@ def _describe_validation(
         allowed = _allowed_range(model, param, limits) if param else None
         if kind == "json_invalid":
             parts.append("the body is not valid JSON: send a JSON object")
-            first_param = None if first_param == param else first_param
+            first_param = None
         elif kind == "missing":
             parts.append(f"'{param}' is required")
         elif kind == "extra_forbidden":
