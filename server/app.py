@@ -111,9 +111,7 @@ def create_app(
     app.state.metrics = metrics
     app.state.gateway = None
     app.state.startup_error = None
-    caps = {"n": settings.max_n, "best_of": settings.max_n}
-    caps |= dict.fromkeys(("max_tokens", "max_completion_tokens"), settings.max_tokens_limit)
-    install_error_handlers(app, caps)
+    install_error_handlers(app, {k: v for k, (v, _) in settings.request_caps().items()})
     for r in (health.router, bon.router, vbon.router, openai.router, admin.router):
         app.include_router(r)
     # Outermost last: metrics see every response, auth runs before any body is read.

@@ -91,17 +91,15 @@ class Gateway:
 
     def check_limits(self, prompt_text: str, sampling: Sampling, n: int) -> int:
         s = self.settings
-        if n > s.max_n:
-            raise APIError(
-                400, f"'n' is {n}; allowed: 1 <= n <= {s.max_n} (VBON_MAX_N)", param="n"
-            )
-        if sampling.max_tokens > s.max_tokens_limit:
-            raise APIError(
-                400,
-                f"'max_tokens' is {sampling.max_tokens}; allowed: 1 <= max_tokens <= "
-                f"{s.max_tokens_limit} (VBON_MAX_TOKENS_LIMIT)",
-                param="max_tokens",
-            )
+        caps = s.request_caps()
+        for field, value in (("n", n), ("max_tokens", sampling.max_tokens)):
+            limit, setting = caps[field]
+            if value > limit:
+                raise APIError(
+                    400,
+                    f"'{field}' is {value}; allowed: 1 <= {field} <= {limit} ({setting})",
+                    param=field,
+                )
         prompt_tokens = self.backend.count_tokens(prompt_text)
         if prompt_tokens > s.max_prompt_tokens:
             raise APIError(

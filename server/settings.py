@@ -83,6 +83,13 @@ class ServerSettings(CoreSettings):
         256, ge=1, description="Pooled HTTP connections to all upstreams together."
     )
 
+    def request_caps(self) -> dict[str, tuple[int, str]]:
+        """The server's own upper limits on request fields: field -> (limit, the setting that
+        sets it). Validation messages and the gateway's limit checks both read them here."""
+        n = (self.max_n, "VBON_MAX_N")
+        tokens = (self.max_tokens_limit, "VBON_MAX_TOKENS_LIMIT")
+        return {"n": n, "best_of": n, "max_tokens": tokens, "max_completion_tokens": tokens}
+
     @field_validator("upstreams", mode="before")
     @classmethod
     def _split_upstreams(cls, v: object) -> object:
