@@ -203,7 +203,7 @@ def test_evaluation_scores_a_real_adapter(
     openings = load_prompts(default_prompt_file("eval"))[:3]
     reward, sampling = load_reward("vader"), Sampling(max_tokens=8)
 
-    def evaluate() -> dict:
+    def evaluate(seed: int = 0) -> dict:
         return evaluate_adapter(
             tmp_path / "adapter",
             model_path=str(embedded_model),
@@ -214,6 +214,7 @@ def test_evaluation_scores_a_real_adapter(
             sampling=sampling,
             engine_settings=CoreSettings(model=str(embedded_model)),
             lora_rank=4,
+            seed=seed,
             cache_dir=tmp_path / "cache",
         )
 
@@ -248,3 +249,9 @@ def test_evaluation_scores_a_real_adapter(
     assert again["reward_base"] == pytest.approx(-0.125) and again["reward_bon2"] == 0.75
     err = capfd.readouterr().err
     assert "evaluation: base model" not in err and "evaluation: adapter (2 per prompt)" in err
+    # The seed drives the engine: another seed is a new draw of the adapter's samples (its KL
+    # estimate, a mean over those samples, moves), on the same cached base samples.
+    other = evaluate(seed=1)
+    assert other["eval_seed"] == 1 and other["eval_base_samples_cached"] is True
+    assert other["reward_base"] == again["reward_base"]
+    assert other["kl_to_base"] != again["kl_to_base"]

@@ -142,7 +142,9 @@ def evaluate_adapter(
         else (None, None, None)
     )
     from_cache = base_rows is not None
-    llm = build_lora_llm(engine_settings, model_path, lora_rank)
+    # The seed drives the engine's sampling: the same seed repeats an evaluation's draw (up
+    # to bf16 batching), another seed is an independent draw of the adapter's samples.
+    llm = build_lora_llm(engine_settings, model_path, lora_rank, seed=seed)
     try:
         tok = llm.get_tokenizer()
         texts = [render_task(tok, o) for o in openings]
@@ -188,6 +190,7 @@ def evaluate_adapter(
         eval_seconds=round(time.monotonic() - t0, 1),
         eval_generation_seconds=round(t_gen, 1),
         eval_base_samples_cached=from_cache,
+        eval_seed=seed,
     )
     return metrics
 
@@ -205,7 +208,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-num-prompts", type=int, default=0, help="first K (0: all)")
     parser.add_argument("--samples", type=int, default=2, help="samples (groups) per prompt")
     parser.add_argument("--n", type=int, default=0, help="BoN-N to compare (default: adapter's N)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seed", type=int, default=0,
+        help="the engine's sampling seed (and the bootstrap's): another seed draws the "
+        "adapter's samples anew, for re-evaluations to pool; cached base samples stay shared",
+    )  # fmt: skip
     parser.add_argument(
         "--cache-dir", default="runs/cache",
         help="the base model's samples are read from / written to this folder, shared with "
