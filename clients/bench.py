@@ -38,8 +38,8 @@ from typing import Any
 
 from clients.client import AsyncClient, RetryPolicy
 from clients.errors import APIError, VBoNClientError
-from clients.report import write_report
-from clients.table import markdown_table
+from vbon.report import write_report
+from vbon.table import markdown_table
 
 EXIT_ERROR = 1
 METHOD_RE = re.compile(r"^(base|vbon|bon-(\d+))$")

@@ -19,7 +19,7 @@ from typing import Any
 
 from clients.client import Client, RetryPolicy, default_url
 from clients.errors import APIError, VBoNClientError
-from clients.table import fmt, text_table
+from vbon.table import fmt, text_table
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2

@@ -32,8 +32,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from clients.report import write_report
-from clients.table import markdown_table
+from vbon.report import write_report
+from vbon.table import markdown_table
 
 EXIT_ERROR = 1
 

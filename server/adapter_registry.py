@@ -3,7 +3,12 @@
 Each complete adapter folder becomes a version with its own LoRA id, served from a private
 snapshot copy, so that requests in flight keep a valid path and their weights even when the
 trainer replaces or removes the folder. A folder that fails validation (half-copied, corrupt,
-another base model) is refused and the previous version keeps serving."""
+another base model, other base weights) is refused and the previous version keeps serving.
+
+Precedence for a given N (`for_n`, and the default adapter): an adapter the user trained beats a
+shipped one (vbon.json `shipped`, installed by vbon.shipped), then the newest version wins. So
+`python -m trainer --n 8` takes over `vbon-8` from the shipped vBoN-8 as soon as it is published,
+and removing it hands `vbon-8` back to the shipped one."""
 
 from __future__ import annotations
 
@@ -18,9 +23,12 @@ from typing import Any
 
 from server.backend import LoraRef
 from vbon.adapters import META_FILE, AdapterMeta, check_name, validate_adapter
+from vbon.base_weights import short, weights_sha256
 from vbon.errors import ConfigError
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_N = 8  # the default adapter, when VBON_DEFAULT_ADAPTER names none
 
 
 @dataclass(frozen=True)
@@ -80,6 +88,11 @@ class AdapterRegistry:
                 f"no adapter named '{name}'; installed: {sorted(self._versions) or 'none'}"
             ) from None
 
+    @staticmethod
+    def _precedence(v: AdapterVersion) -> tuple[bool, int]:
+        """User-trained before shipped, then the newest."""
+        return (not v.meta.shipped, v.version)
+
     def for_n(self, n: int) -> AdapterVersion:
         matches = [v for v in self._versions.values() if v.meta.method == "vbon" and v.meta.n == n]
         if not matches:
@@ -87,9 +100,11 @@ class AdapterRegistry:
             raise LookupError(
                 f"no vBoN adapter for n={n}; adapters exist for n in {have or 'none'}"
             )
-        return max(matches, key=lambda v: v.version)
+        return max(matches, key=self._precedence)
 
     def default(self) -> AdapterVersion:
+        """VBON_DEFAULT_ADAPTER if installed; else vBoN-8 (the paper's headline N and the
+        trainer's default); else the adapter of highest precedence."""
         if self.default_name and self.default_name in self._versions:
             return self._versions[self.default_name]
         if not self._versions:
@@ -97,7 +112,10 @@ class AdapterRegistry:
                 f"no vBoN adapter is installed: train one (python -m trainer --n 8) or copy an "
                 f"adapter folder into {self.adapters_dir}"
             )
-        return max(self._versions.values(), key=lambda v: v.version)
+        try:
+            return self.for_n(DEFAULT_N)
+        except LookupError:
+            return max(self._versions.values(), key=self._precedence)
 
     # -- scanning (blocking parts run in a thread) --------------------------------------
     def _candidates(self) -> dict[str, Path]:
@@ -119,6 +137,18 @@ class AdapterRegistry:
             raise ConfigError(
                 f"adapter '{folder.name}' was trained on '{meta.base_model}', but this server "
                 f"serves '{self.base_model}'"
+            )
+        theirs = meta.base_weights_sha256
+        # None where the base is not a local safetensors folder (remote upstreams, hub ids):
+        # then only the base model's name is compared. Cached after the first adapter.
+        ours = weights_sha256(self.base_model) if theirs and self.base_model else None
+        if theirs and ours and theirs != ours:
+            raise ConfigError(
+                f"adapter '{folder.name}' was trained on other base weights (fingerprint "
+                f"{short(theirs)}) than this server's '{Path(self.base_model).name}' "
+                f"({short(ours)}): a LoRA delta on other weights generates "
+                "something else. Retrain it on this base (python -m trainer --recipe ...) or "
+                "serve the base it was trained on"
             )
         snap = Path(tempfile.mkdtemp(prefix=f"{folder.name}-", dir=self._snapshots))
         shutil.copytree(folder, snap, dirs_exist_ok=True)

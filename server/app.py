@@ -22,6 +22,7 @@ from server.routers import admin, bon, health, openai, vbon
 from server.serving import Gateway
 from server.settings import ServerSettings
 from vbon.rewards.base import RewardModel
+from vbon.shipped import install_shipped
 
 logger = logging.getLogger("server")
 
@@ -55,6 +56,10 @@ def create_app(
                     reward_factory or (lambda s: s.load_reward()), settings
                 )
                 await backend.start()
+                if settings.shipped_adapters:
+                    await asyncio.to_thread(
+                        install_shipped, settings.adapters_dir, backend.model_path
+                    )
                 registry = parts["registry"] = AdapterRegistry(
                     settings.adapters_dir,
                     settings.max_lora_rank,

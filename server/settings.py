@@ -24,7 +24,15 @@ class ServerSettings(CoreSettings):
     cors_origins: list[str] = Field(default_factory=list, description="CORS origins; off if empty.")
     adapters_dir: Path = Field(Path("adapters"), description="Where vBoN adapters are installed.")
     default_adapter: str | None = Field(
-        None, description="Adapter for /v1/vbon when a request names none; default: newest."
+        None,
+        description="Adapter for /v1/vbon when a request names none; default: the vBoN-8 "
+        "adapter (a user-trained one before the shipped one), else the newest.",
+    )
+    shipped_adapters: bool = Field(
+        True,
+        description="At start, install the adapters shipped with vbon (vBoN-4/8/16 for the "
+        "embedded model) into VBON_ADAPTERS_DIR where missing; an adapter you train for the "
+        "same N takes precedence.",
     )
     adapter_poll_s: float = Field(
         2.0, ge=0, description="How often to look for new adapters (0 = only on admin reload)."

@@ -56,6 +56,9 @@ class ServerProcess:
             "VBON_HOST": "127.0.0.1",
             "VBON_PORT": str(self.port),
             "HF_HUB_OFFLINE": "1",
+            # Tests see only the adapters they make; tests/test_server_engine.py turns the
+            # shipped ones on (a fresh `make serve`).
+            "VBON_SHIPPED_ADAPTERS": "false",
             **env,
         }
         self.log_path = log_path

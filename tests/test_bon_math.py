@@ -15,6 +15,7 @@ from vbon.bon import (
     cdf_hat,
     kl_bound,
     log_cdf_hat,
+    mid_rank,
     n_for_beta,
     win_rate_bound,
 )
@@ -24,8 +25,10 @@ rewards = st.lists(st.integers(-5, 5).map(float), min_size=1, max_size=40)
 
 @given(refs=rewards, r=st.integers(-6, 6).map(float))
 def test_cdf_hat_matches_brute_force_count_with_ties(refs: list[float], r: float) -> None:
-    below = sum(1 for x in refs if x < r)  # strictly below: ties do not count
-    want = (below + 1) / (len(refs) + 1)
+    # Brute force: r beats a reference below it, and a tied one with probability 1/2 (ties
+    # broken uniformly at random: VADER gives many exact 0.0).
+    beaten = sum(1.0 if x < r else 0.5 if x == r else 0.0 for x in refs)
+    want = (beaten + 1) / (len(refs) + 1)
     assert cdf_hat(sorted(refs), r) == pytest.approx(want)
     assert log_cdf_hat(sorted(refs), r) == pytest.approx(math.log(want))
     assert math.log(1 / (len(refs) + 1)) <= log_cdf_hat(sorted(refs), r) <= 0.0
@@ -59,6 +62,18 @@ def test_bon_win_probs_match_enumeration_with_ties(refs: list[float], n: int) ->
     got = bon_win_probs(refs, n)
     assert got == pytest.approx(want)
     assert sum(got) == pytest.approx(1.0)
+
+
+@given(refs=st.lists(st.integers(-2, 2).map(float), min_size=1, max_size=12))
+def test_cdf_hat_and_bon_weights_share_one_tie_convention(refs: list[float]) -> None:
+    """The RL reward's F-hat and the warm start's BoN weights break ties alike: BoN-2's choice
+    probability of sample i among the M (draws with replacement) is 2 * mid-rank_i / M^2,
+    the mid-rank counted over all M (itself included, as a tie with itself)."""
+    m, s = len(refs), sorted(refs)
+    got = bon_win_probs(refs, 2)
+    for i, r in enumerate(refs):
+        assert got[i] == pytest.approx(2 * mid_rank(s, r) / m**2)
+        assert cdf_hat(s, r) == pytest.approx((mid_rank(s, r) + 1) / (m + 1))
 
 
 def test_bounds_and_beta() -> None:

@@ -1,5 +1,9 @@
 """Integration: the real gateway process (`python -m server`) on the real vLLM engine with the
-embedded model, VADER, and a real peft LoRA adapter, over real HTTP on loopback."""
+embedded model, VADER, and real peft LoRA adapters, over real HTTP on loopback.
+
+As after `make serve` on a fresh machine, the shipped vBoN-4/8/16 adapters are installed at
+start (the adapters folder holds only a user-trained vBoN-8 and one adapter made for other
+base weights): n = 4 and 16 are served by the shipped ones, n = 8 by the user's."""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import pytest
 
 from tests.adapters_util import make_peft_adapter
 from tests.server_proc import ServerProcess
+from vbon.adapters import AdapterMeta
 from vbon.prompts import task_messages
 from vbon.rewards import load_reward
 
@@ -26,8 +31,13 @@ def server(tmp_path_factory: pytest.TempPathFactory, embedded_model: Path):
     tmp = tmp_path_factory.mktemp("gateway")
     adapters = tmp / "adapters"
     make_peft_adapter(embedded_model, adapters / "vbon-n8", n=8, seed=0)
+    other = make_peft_adapter(embedded_model, adapters / "other-base", n=2, seed=2)
+    meta = AdapterMeta.model_validate_json((other / "vbon.json").read_text())
+    meta.base_weights_sha256 = "sha256:" + "0" * 64  # trained on other weights
+    (other / "vbon.json").write_text(meta.model_dump_json())
     proc = ServerProcess(
         {
+            "VBON_SHIPPED_ADAPTERS": "true",
             "VBON_ADAPTERS_DIR": str(adapters),
             "VBON_ADAPTER_POLL_S": "1",
             "VBON_MAX_SAMPLES_IN_FLIGHT": "64",
@@ -50,7 +60,28 @@ def test_ready_reports_engine_reward_and_adapters(server: ServerProcess) -> None
     body = httpx.get(server.url + "/ready").json()
     assert body["ready"] and body["engine"]["model"] == "smollm2-135m-instruct"
     assert body["reward"]["backend"] == "vader"
-    assert [a["name"] for a in body["adapters"]] == ["vbon-n8"]
+    assert [a["name"] for a in body["adapters"]] == [
+        "vbon-n16-shipped", "vbon-n4-shipped", "vbon-n8", "vbon-n8-shipped"
+    ]
+    assert "other base weights" in body["refused_adapters"]["other-base"]
+
+
+def test_shipped_adapters_answer_n4_and_n16(server: ServerProcess) -> None:
+    for n in (4, 16):
+        r = post(server, "/v1/vbon", {"messages": MSGS, "n": n, "max_tokens": 16, "seed": 3})
+        assert r.status_code == 200, r.text
+        adapter = r.json()["adapter"]
+        assert adapter["name"] == f"vbon-n{n}-shipped" and adapter["n"] == n and r.json()["text"]
+    r = post(server, "/v1/chat/completions", {"model": "vbon-16", "messages": MSGS,
+                                              "max_tokens": 8})
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"], r.text
+    models = {m["id"] for m in httpx.get(server.url + "/v1/models").json()["data"]}
+    assert {"vbon-4", "vbon-8", "vbon-16", "vbon-n4-shipped"} <= models
+    # Installed as whole folders, and only what serving needs.
+    installed = server.tmp / "adapters" / "vbon-n16-shipped"  # type: ignore[attr-defined]
+    assert sorted(p.name for p in installed.iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors", "vbon.json"
+    ]
 
 
 def test_bon_returns_the_highest_reward_candidate(server: ServerProcess) -> None:
@@ -108,6 +139,7 @@ def test_vbon_uses_the_lora_adapter(server: ServerProcess) -> None:
     r = post(server, "/v1/vbon", req)
     assert r.status_code == 200, r.text
     body = r.json()
+    # The user's vbon-n8 takes precedence over the shipped vbon-n8-shipped.
     assert body["adapter"]["name"] == "vbon-n8" and body["adapter"]["n"] == 8
     assert body["adapter"]["beta"] == pytest.approx(1 / 7)
     assert isinstance(body["reward"], float)
@@ -152,6 +184,7 @@ def test_hot_reload_serves_a_new_version(server: ServerProcess) -> None:
         time.sleep(0.5)
     r = post(server, "/v1/vbon", {"messages": MSGS, "n": 4, "max_tokens": 8})
     assert r.status_code == 200, r.text
+    # A user's adapter published while serving takes n=4 over from the shipped one.
     assert r.json()["adapter"]["name"] == "vbon-n4"
 
 

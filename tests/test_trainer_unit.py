@@ -245,7 +245,9 @@ def test_reference_cache_is_keyed(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     ref.load_or_compute_reference(openings=["a", "c"], m=4, **kw)
     kw["sampling"] = Sampling(max_tokens=7)
     ref.load_or_compute_reference(openings=["a", "b"], m=4, **kw)
-    assert calls == [4, 5, 4, 4]
+    # Another --seed is another draw: replicates must not share their reference samples.
+    ref.load_or_compute_reference(openings=["a", "b"], m=4, seed=1, **kw)
+    assert calls == [4, 5, 4, 4, 4]
 
 
 def test_evaluation_summary() -> None:

@@ -31,11 +31,15 @@ class JobCallback(TrainerCallback):
         kl_stop: float | None,
         kl_window: int,
         max_minutes: float = 0.0,
+        deadline: float | None = None,
         progress: bool = True,
     ) -> None:
         self.kl_stop = kl_stop
         self.kl_window = kl_window
         self.max_seconds = max_minutes * 60.0
+        # time.monotonic() at which --max-train-minutes runs out: set once per job, so that a
+        # warm start and the RL stage after it share one budget (None: from this stage's start).
+        self.deadline = deadline
         self.progress = progress
         self.bar: tqdm | None = None
         self.t0 = time.monotonic()
@@ -46,6 +50,8 @@ class JobCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.t0 = time.monotonic()
+        if self.deadline is None and self.max_seconds:
+            self.deadline = self.t0 + self.max_seconds
         # A resumed run continues the clock of the run it resumes.
         past = [e["elapsed_s"] for e in state.log_history if "elapsed_s" in e]
         self.offset = float(past[-1]) if past else 0.0
@@ -63,7 +69,7 @@ class JobCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if self.bar is not None:
             self.bar.update(state.global_step - self.bar.n)
-        if self.max_seconds and time.monotonic() - self.t0 >= self.max_seconds:
+        if self.max_seconds and self.deadline is not None and time.monotonic() >= self.deadline:
             minutes = self.max_seconds / 60
             self.stop_reason = f"time limit ({minutes:g} min) at step {state.global_step}"
             control.should_training_stop = True

@@ -180,7 +180,10 @@ class TrainConfig:
     )
     max_train_minutes: float = field(
         default=30.0,
-        metadata={"help": "Stop training (and publish) after this many minutes; 0: no limit."},
+        metadata={
+            "help": "Stop training (and publish) after this many minutes of training, "
+            "all stages together (vbon's warm start and its RL stage share it); 0: no limit."
+        },
     )
     sft_epochs: float = field(default=2.0, metadata={"help": "bon-sft only: epochs."})
     sft_learning_rate: float = field(
@@ -346,7 +349,11 @@ class TrainConfig:
     )
     config: str = field(
         default="",
-        metadata={"help": "YAML or JSON file with any of these settings (flags override it)."},
+        metadata={
+            "help": "YAML or JSON file with any of these settings (flags override it); also "
+            "--recipe, which takes a recipe's name too: --recipe vbon-n8 reads "
+            "trainer/recipes/vbon-n8.yaml, the recipe of the shipped vBoN-8 adapter."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -567,8 +574,30 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs.update(nargs="?", const=True, type=_parse_bool)
         else:
             kwargs["type"] = kind
-        parser.add_argument(flag, dest=f.name, **kwargs)
+        flags = [flag, "--recipe"] if f.name == "config" else [flag]
+        parser.add_argument(*flags, dest=f.name, **kwargs)
     return parser
+
+
+RECIPES_DIR = Path(__file__).parent / "recipes"
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def resolve_recipe(text: str) -> Path:
+    """--config/--recipe: a file, or the name of one of trainer/recipes/*.yaml."""
+    path = Path(text)
+    if path.is_file():
+        return path
+    named = RECIPES_DIR / f"{text}.yaml"
+    if path.parent == Path(".") and named.is_file():
+        return named
+    raise ConfigError(
+        f"config file '{text}' does not exist; give a YAML/JSON file or a recipe name "
+        f"({', '.join(recipe_names()) or 'none shipped'})"
+    )
 
 
 def load_config_file(path: Path) -> dict[str, Any]:
@@ -603,6 +632,7 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     ns = vars(parser.parse_args(argv))
     values: dict[str, Any] = {}
     if ns.get("config"):
+        ns["config"] = str(resolve_recipe(ns["config"]))
         values.update(load_config_file(Path(ns["config"])))
     values.update(ns)
     try:

@@ -50,6 +50,9 @@ class Job:
     resume_from: str | None = None
     reference_source: str = ""
     rl_prompts: int = 0  # the last ones: vbon's RL stage trains on them, its warm start not
+    argv: list[str] = field(default_factory=list)  # the command line, recorded in vbon.json
+    # time.monotonic() when --max-train-minutes runs out, for all training stages together.
+    train_deadline: float | None = None
 
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -67,6 +70,25 @@ def engine_settings_for(model_path: str) -> Any:
     from vbon.settings import CoreSettings, load_settings
 
     return load_settings(CoreSettings, model=model_path)
+
+
+def portable_model_name(model_path: str) -> str:
+    """What vbon.json records as the base model: a local folder's name (the same on every
+    machine; the gateway compares names, and the weights' fingerprint), or a hub id as is."""
+    path = Path(model_path)
+    return path.name if path.is_dir() else model_path
+
+
+def recipe_record(cfg: TrainConfig, argv: list[str]) -> dict[str, Any]:
+    """The command that made the adapter and the recipe file it read (repo-relative where it
+    lies in the repo, with its sha256), so the adapter can be made again."""
+    out: dict[str, Any] = {"command": " ".join(["python -m trainer", *argv])}
+    if cfg.config:
+        path = Path(cfg.config).resolve()
+        repo = Path(__file__).resolve().parent.parent
+        out["file"] = str(path.relative_to(repo)) if path.is_relative_to(repo) else path.name
+        out["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
 
 
 def prompts_sha256(openings: list[str]) -> str:
@@ -325,6 +347,7 @@ def reference_stage(job: Job) -> list[ReferenceRow]:
         sampling=job.sampling,
         reward=job.reward,
         engine_settings=job.engine_settings,
+        seed=job.cfg.seed,
     )
     job.reference_source = f"vllm:{path}"
     return rows
@@ -449,7 +472,7 @@ def build_rloo_trainer(
         reward_fn = RewardFunction(job.reward)
     callback = JobCallback(
         kl_stop=cfg.kl_stop, kl_window=cfg.kl_window, max_minutes=cfg.max_train_minutes,
-        progress=progress,
+        deadline=job.train_deadline, progress=progress,
     )
     rollouts = None
     if cfg.rollouts == "vllm":
@@ -714,7 +737,7 @@ def build_sft_trainer(
     )
     callback = JobCallback(
         kl_stop=None, kl_window=cfg.kl_window, max_minutes=cfg.max_train_minutes,
-        progress=progress,
+        deadline=job.train_deadline, progress=progress,
     )
     trainer = sft_trainer_class()(
         model=model,
@@ -766,6 +789,8 @@ def warm_start_stage(job: Job, rows: list[ReferenceRow]) -> Path:
 def train_stage(job: Job, rows: list[ReferenceRow] | None):
     from transformers import set_seed
 
+    if job.cfg.max_train_minutes:
+        job.train_deadline = time.monotonic() + job.cfg.max_train_minutes * 60.0
     set_seed(job.cfg.seed)
     if job.cfg.method == "bon-sft":
         assert rows is not None
@@ -806,6 +831,7 @@ def _drop_default_progress(trainer: Any) -> None:
 def publish_stage(job: Job, trainer: Any, callback: Any, rows: list[ReferenceRow] | None) -> Path:
     from trainer.curves import write_curves
     from vbon.adapters import AdapterMeta, staged_folder, validate_adapter, write_json_atomic
+    from vbon.base_weights import weights_sha256
 
     cfg = job.cfg
     out = cfg.output_dir
@@ -829,7 +855,8 @@ def publish_stage(job: Job, trainer: Any, callback: Any, rows: list[ReferenceRow
             n=cfg.n if cfg.method != "kl-rl" else None,
             beta=cfg.kl_weight if cfg.method != "bon-sft" else None,
             m=(min(len(r.rewards) for r in rows) if rows else None),
-            base_model=job.model_path,
+            base_model=portable_model_name(job.model_path),
+            base_weights_sha256=weights_sha256(job.model_path),
             reward=cfg.reward,
             prompts_sha256=prompts_sha256(job.openings),
             steps=trainer.state.global_step,
@@ -839,6 +866,7 @@ def publish_stage(job: Job, trainer: Any, callback: Any, rows: list[ReferenceRow
             metrics=metrics,
             versions=versions(),
             created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            recipe=recipe_record(cfg, job.argv),
         )
         write_json_atomic(tmp / "vbon.json", meta.model_dump(mode="json"))
         resolved = {**cfg.to_dict(), "rl_prompts": job.rl_prompts}
@@ -902,12 +930,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
+        argv = list(sys.argv[1:] if argv is None else argv)
         cfg = parse_config(argv)
         if cfg.torch_threads:
             import torch
 
             torch.set_num_threads(cfg.torch_threads)
         job = prepare(cfg)
+        job.argv = argv
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

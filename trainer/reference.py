@@ -3,7 +3,8 @@
 Drawn with vLLM (one request with n=M per prompt, all prompts in one batch), under the one
 sampler of vbon.sampling and the gateway's prompt formatting (vbon.prompts.render_task). Cached
 on disk as JSONL in the gateway's BoN-log format ({"prompt", "responses", "rewards"} per line),
-keyed by model, prompts, M, sampling settings and reward; any change recomputes.
+keyed by model, prompts, M, sampling settings, reward and seed; any change recomputes. The seed
+seeds the sampling engine, so runs with other --seed values train on independent samples.
 `--reference-from FILE` reads the same format instead.
 """
 
@@ -100,7 +101,12 @@ def write_reference_file(path: Path, rows: Sequence[ReferenceRow]) -> None:
 
 
 def cache_key(
-    model_path: str, prompts: Sequence[str], m: int, sampling: Sampling, reward: dict[str, Any]
+    model_path: str,
+    prompts: Sequence[str],
+    m: int,
+    sampling: Sampling,
+    reward: dict[str, Any],
+    seed: int = 0,
 ) -> dict[str, Any]:
     """What the cached samples depend on. The model is identified by its folder and its
     weights' sizes and modification times (cheap; a re-conversion changes them)."""
@@ -118,7 +124,8 @@ def cache_key(
         "m": m,
         "sampling": sampling.to_dict(),
         "reward": reward,
-        "format": 1,
+        "seed": seed,
+        "format": 2,  # 2: the engine's seed is part of the key
     }
 
 
@@ -187,11 +194,12 @@ def compute_reference(
     sampling: Sampling,
     reward: Any,
     engine_settings: Any,
+    seed: int = 0,
 ) -> list[ReferenceRow]:
     from vbon.engine import build_llm
 
     t0 = time.monotonic()
-    llm = build_llm(engine_settings, model_path=model_path)
+    llm = build_llm(engine_settings, model_path=model_path, seed=seed)
     try:
         logger.info(
             "engine ready in %.0f s; sampling %d x %d", time.monotonic() - t0, len(openings), m
@@ -217,13 +225,13 @@ def scored_rows(
 
 def cached_reference(
     cache_dir: Path, model_path: str, openings: Sequence[str], m: int, sampling: Sampling,
-    reward: Any,
+    reward: Any, seed: int = 0,
 ) -> tuple[list[ReferenceRow] | None, Path, dict[str, Any]]:
     """The cached base-model samples for these prompts (None when absent or stale), the cache
     file they belong in, and their key (see cache_key)."""
     from trainer.config import stable_hash
 
-    key = cache_key(model_path, openings, m, sampling, reward.describe())
+    key = cache_key(model_path, openings, m, sampling, reward.describe(), seed)
     path = cache_dir / f"reference-{stable_hash(key)[:16]}.jsonl"
     if path.is_file():
         try:
@@ -250,8 +258,11 @@ def load_or_compute_reference(
     sampling: Sampling,
     reward: Any,
     engine_settings: Any,
+    seed: int = 0,
 ) -> tuple[list[ReferenceRow], Path]:
-    rows, path, key = cached_reference(cache_dir, model_path, openings, m, sampling, reward)
+    rows, path, key = cached_reference(
+        cache_dir, model_path, openings, m, sampling, reward, seed
+    )
     if rows is not None:
         return rows, path
     rows = compute_reference(
@@ -261,6 +272,7 @@ def load_or_compute_reference(
         sampling=sampling,
         reward=reward,
         engine_settings=engine_settings,
+        seed=seed,
     )
     store_reference(path, key, rows)
     return rows, path

@@ -35,7 +35,15 @@ class AdapterMeta(BaseModel):
     n: int | None = Field(None, description="N of the BoN distribution it imitates.")
     beta: float | None = Field(None, description="KL weight; 1/(N-1) for vBoN.")
     m: int | None = Field(None, description="Reference samples per prompt for F-hat.")
-    base_model: str = Field(description="Base model folder or id the adapter was trained on.")
+    base_model: str = Field(
+        description="Base model the adapter was trained on: its folder's name (portable: no "
+        "absolute path), or a hub id."
+    )
+    base_weights_sha256: str | None = Field(
+        None,
+        description="Fingerprint of the base weights (vbon.base_weights); the gateway refuses "
+        "the adapter on other weights. None: not checked (older adapters, hub bases).",
+    )
     reward: str = "vader"
     prompts_sha256: str | None = None
     steps: int | None = None
@@ -45,6 +53,16 @@ class AdapterMeta(BaseModel):
     metrics: dict[str, Any] = Field(default_factory=dict)
     versions: dict[str, str] = Field(default_factory=dict)
     created_at: str | None = None
+    recipe: dict[str, Any] | None = Field(
+        None,
+        description="How it was made: the command, the recipe file (repo-relative) and its "
+        "sha256, so `python -m trainer --recipe ...` reproduces it.",
+    )
+    shipped: bool = Field(
+        False,
+        description="Shipped with vbon (vbon/data/adapters). An adapter the user trains for the "
+        "same N takes precedence over a shipped one.",
+    )
 
 
 def check_name(name: str) -> str:

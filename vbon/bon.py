@@ -1,7 +1,10 @@
 """Best-of-N math: the reference reward CDF estimate, the vBoN reward and known BoN bounds.
 
-F(r) = P_{y'~pi_ref}(r(y') < r): estimated per prompt from M sorted reference rewards as
-(rank + 1) / (M + 1), rank = number of reference rewards strictly below r.
+F(r) = P_{y'~pi_ref}(r(y') < r), with ties broken uniformly at random (the paper breaks them
+arbitrarily; a reward such as VADER gives many exact ties, e.g. 0.0): estimated per prompt from
+M sorted reference rewards as (rank + 1) / (M + 1), rank = the mid-rank of r among them, i.e.
+the number strictly below plus half the number equal. `bon_win_probs` uses the same convention
+(tied samples split their share), so the RL reward and the warm start's BoN weights agree.
 """
 
 from __future__ import annotations
@@ -36,10 +39,17 @@ def n_for_beta(beta: float) -> float:
     return 1.0 / beta + 1.0
 
 
+def mid_rank(sorted_refs: Sequence[float], reward: float) -> float:
+    """#refs strictly below `reward` + half the #refs equal to it (sorted_refs ascending): the
+    expected number of refs that `reward` beats when ties are broken uniformly at random."""
+    below = bisect.bisect_left(sorted_refs, reward)
+    tied = bisect.bisect_right(sorted_refs, reward) - below
+    return below + tied / 2
+
+
 def cdf_hat(sorted_refs: Sequence[float], reward: float) -> float:
-    """F-hat(reward) = (#refs strictly below reward + 1) / (M + 1); sorted_refs ascending."""
-    rank = bisect.bisect_left(sorted_refs, reward)
-    return (rank + 1) / (len(sorted_refs) + 1)
+    """F-hat(reward) = (mid-rank + 1) / (M + 1); sorted_refs ascending."""
+    return (mid_rank(sorted_refs, reward) + 1) / (len(sorted_refs) + 1)
 
 
 def log_cdf_hat(sorted_refs: Sequence[float], reward: float) -> float:

@@ -111,6 +111,14 @@ def list_models(gateway: Gateway) -> ModelList:
                 parent=gateway.model_name,
             )
         )
+    # vbon-<N>: the adapter that serves N now (a user-trained one before a shipped one).
+    for n in sorted({v.meta.n for v in gateway.registry.all() if v.meta.method == "vbon"
+                     and v.meta.n}):
+        chosen = gateway.registry.for_n(n)
+        cards.append(
+            ModelCard(id=f"vbon-{n}", created=now, kind="vbon", n=n, beta=chosen.meta.beta,
+                      parent=chosen.name)
+        )
     return ModelList(data=cards)
 
 
