@@ -6,14 +6,16 @@ export VBON_PROFILE ?= cpu
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 EVAL_ARGS ?=
+PARETO_ARGS ?=
 
-.PHONY: install model serve test test-fast lint train bench eval clean help docker-image docker-test \
-	reliability
+.PHONY: install model serve test test-fast lint train pareto bench eval clean help docker-image \
+	docker-test reliability
 
 help:
 	@echo "make serve   install, prepare the embedded model, start the gateway on :8000"
 	@echo "make test    install, prepare the embedded model, run ruff and the test suite"
 	@echo "make train   train a vBoN-8 adapter on the defaults (python -m trainer --help)"
+	@echo "make pareto  reward vs KL: base, BoN-N, the shipped vBoN-N, KL-RL, BoN-SFT (docs/results)"
 	@echo "make reliability   fuzz, load and fault checks with a summary table"
 
 install:
@@ -42,6 +44,11 @@ reliability: model
 
 train: model
 	$(PY) -m trainer --n 8
+
+# The paper's comparison on the 200 held-out prompts, 3 evaluation seeds pooled; trains the
+# baselines that runs/pareto/adapters lacks (~50 min here), then evaluates (~30 min).
+pareto: model
+	$(PY) -m trainer.pareto $(PARETO_ARGS)
 
 bench: model
 	$(PY) -m clients.bench $(BENCH_ARGS)

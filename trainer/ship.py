@@ -51,6 +51,8 @@ def ship(source: Path, dest_dir: Path = SHIPPED_DIR) -> Path:
         })
         write_json_atomic(tmp / META_FILE, shipped.model_dump(mode="json"))
         validate_adapter(tmp)
+        for f in tmp.iterdir():  # safetensors writes 0600: readable by every user who serves it
+            f.chmod(0o644)
     return target
 
 
