@@ -86,7 +86,7 @@ def make_client(
         adapters_dir=tmp_path / "adapters",
         adapter_poll_s=0,
         upstream_health_interval_s=3600,
-        **overrides,
+        **{"shipped_adapters": False, **overrides},
     )
     holder: dict[str, RemoteBackend] = {}
 

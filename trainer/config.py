@@ -29,10 +29,10 @@ SFT_BATCHES = ("prompt-chunks", "shuffled", "by-prompt")
 # Per --warm-start-loss, as calibrated on held-out prompts (docs/trainer.md): the epochs of
 # the warm start, and the RL steps after it.
 VBON_WARM_START_EPOCHS = {"bon-weighted": 1.0, "bon-sft": 3.0, "advantage": 1.0}
-VBON_RL_PROMPTS = 96  # 24 RL steps of 4 prompts before one repeats (X stopped at 15)
+VBON_RL_PROMPTS = 96  # 24 RL steps of 4 prompts before one repeats
 DEFAULT_STEPS = 128
-# bon-weighted: held-out KL 0.63 at step 6, 0.96 at 18, 1.15 at 24 (AG; bound 1.20);
-# bon-sft: X 0.96 at step 6, 1.29 at 9; AA 1.26 at 8.
+# bon-weighted: held-out KL 0.63 at step 6, 0.96 at 18, 1.15 at 24 (bound 1.20);
+# bon-sft: 0.96 at step 6, 1.26-1.29 at 8-9.
 VBON_WARM_RL_STEPS = {"bon-weighted": 24, "bon-sft": 6, "advantage": 6}
 VBON_KL_STOP_FRACTION = 0.9  # of BoN-N's bound: the 5-step window lags a KL rising ~0.05/step
 
@@ -146,8 +146,7 @@ class TrainConfig:
             "the learning rate, whatever the signal-to-noise ratio of its gradient; averaging "
             "the noisy per-step gradients over ~50 steps (0.98) instead of ~10 (0.9, "
             "transformers' default) gave the CPU recipe's adapters about as much or a little "
-            "more reward per nat of KL (runs AP-AR in docs/trainer.md: c 0.53-0.57 against "
-            "0.51-0.56)."
+            "more reward per nat of KL (c 0.53-0.57 against 0.51-0.56; docs/trainer.md)."
         },
     )
     kl_penalty: str = field(
@@ -209,11 +208,11 @@ class TrainConfig:
             "help": "bon-sft and vbon's warm start: 'prompt-chunks' (default) keeps runs of 4 "
             "examples of one prompt together and orders the runs at random (~8 prompts per "
             "batch, each forwarded once for its run: steps ~1.4x shorter than shuffled, the "
-            "same share per root nat in its run, AM in docs/trainer.md); 'shuffled' fills "
+            "same share per root nat); 'shuffled' fills "
             "each batch with examples drawn at random from all prompts; 'by-prompt' keeps a "
             "prompt's examples in one batch (the prompts in a seeded order, anew each epoch): "
             "steps ~1.6x shorter than shuffled, but its one recipe run came out at 0.50-0.51 "
-            "of share per root nat against 0.55 (run AI).",
+            "of share per root nat against 0.55.",
             "choices": SFT_BATCHES,
         },
     )
@@ -232,7 +231,7 @@ class TrainConfig:
     warm_start_loss: str = field(
         default="bon-weighted",
         metadata={
-            "help": "vbon's warm start (default bon-weighted; run AG in docs/trainer.md): "
+            "help": "vbon's warm start (default bon-weighted): "
             "'bon-sft' fits the best of each group of N reference samples (BoN-N's samples); "
             "'advantage' fits every reference sample whose log "
             "F-hat(r) is above its prompt's mean, weighted by how far above (about linear in "

@@ -220,6 +220,11 @@ def main(argv: list[str] | None = None) -> int:
         "are compared on the same base samples; '' draws them anew and keeps nothing",
     )  # fmt: skip
     parser.add_argument("--write", action="store_true", help="store the metrics in vbon.json")
+    parser.add_argument(
+        "--model", default="",
+        help="the base model folder (default: the adapter's base_model, which vbon.json "
+        "records by folder name: 'smollm2-135m-instruct' is the embedded model)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
@@ -233,12 +238,15 @@ def main(argv: list[str] | None = None) -> int:
         reward = load_reward(meta.reward)
         sampling = Sampling(**{k: v for k, v in meta.sampling.items() if k != "stop"}) \
             if meta.sampling else Sampling()
-        settings = engine_settings_for(meta.base_model)
+        from vbon.models import resolve_model
+
+        model_path = resolve_model(args.model or meta.base_model)
+        settings = engine_settings_for(model_path)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     metrics = evaluate_adapter(
-        args.adapter, model_path=meta.base_model, reward=reward, openings=openings, n=n,
+        args.adapter, model_path=model_path, reward=reward, openings=openings, n=n,
         samples=args.samples, sampling=sampling, engine_settings=settings,
         lora_rank=meta.lora_rank or 16, seed=args.seed,
         cache_dir=Path(args.cache_dir) if args.cache_dir else None,

@@ -534,7 +534,7 @@ def bon_sft_dataset(job: Job, tok: Any, rows: list[ReferenceRow], rounds: int = 
     unbiased draw of BoN-N's samples given the M; fresh partitions let a sample that lost in
     one round's group win in another's, so several epochs see more of BoN-N's distribution
     than the same M // N winners repeated (at 3 epochs the result did not change measurably:
-    run V in docs/trainer.md).
+    measured).
 
     Tokenized here rather than by TRL: SFTTrainer appends EOS to every completion, but most
     reference samples were cut at max_tokens, and teaching the model to end there costs
@@ -565,7 +565,7 @@ def advantage_dataset(job: Job, tok: Any, rows: list[ReferenceRow], rounds: int 
     group's winner (about F-hat^(N-1)), so the tilt it learns follows the top samples; A grows
     about linearly with the reward's rank and gives weight to half the samples. The samples
     below the mean are left out: with their negative weights one epoch diverged (the RL stage
-    after it read 161 nats of KL; run AD in docs/trainer.md). Tokenized as in
+    after it read 161 nats of KL). Tokenized as in
     bon_sft_dataset."""
     from vbon.bon import log_cdf_hat
 
