@@ -177,7 +177,9 @@ def test_vbon_reward_is_log_fhat_of_the_raw_reward() -> None:
         log_metric=lambda k, v: logged.__setitem__(k, v),
     )
     assert out == [log_cdf_hat(refs, r) for r in (1.0, 3.0, 8.0)]
-    assert out[0] == pytest.approx(math.log(1 / 6))  # ties count as not below
+    # mid-rank ties: the one ref equal to 1.0 counts half, so F-hat = (0 + 1/2 + 1) / 6
+    assert out[0] == pytest.approx(math.log(1.5 / 6))
+    assert out[1] == pytest.approx(math.log((2 + 2 / 2 + 1) / 6))
     assert out[2] == pytest.approx(0.0)
     assert logged["raw_reward"] == pytest.approx(4.0)
     assert RewardFunction(FakeReward())(prompts=["p"], completions=["ab"], opening=["o"]) == [2.0]
