@@ -215,6 +215,26 @@ def test_warm_start_trains_then_rl_from_it(
     assert not (tmp_path / "adapters" / "bad").exists()
 
 
+def test_critic_credit_fits_its_critic_and_trains(
+    reference_file: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    args = tiny(
+        reference_file, tmp_path, "critic", "--credit", "critic", "--critic-prompts", "2",
+        "--steps", "2",
+    )  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="trainer"):
+        assert main(args) == 0
+    assert "critic: fitting on 2 prompts x 8 reference samples" in caplog.text
+    assert (tmp_path / "runs" / "critic" / "critic.pt").is_file()  # --resume reuses it
+    out = tmp_path / "adapters" / "critic"
+    assert "critic_r2_heldout" in validate_adapter(out).metrics
+    assert lora_b_norm(out) > 0
+    # Each step logs how much of the advantage's variance over tokens the critic left.
+    with (out / "curves.csv").open() as fh:
+        ratios = [float(r["critic_var_ratio"]) for r in csv.DictReader(fh)]
+    assert len(ratios) == 2 and all(r > 0 for r in ratios)
+
+
 @pytest.mark.parametrize(
     ("loss", "what", "batches"),
     [

@@ -142,6 +142,8 @@ def _token_kl_stub(model, beta: float):
         ),
         temperature=0.7,
         token_kl_beta=beta,
+        critic=None,
+        _own_loss=True,  # the property, on the class, is not reachable from a stub
         model=model,
         _metrics=defaultdict(lambda: defaultdict(list)),
     )

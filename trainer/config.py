@@ -24,6 +24,7 @@ OBJECTIVES = ("bound", "exact")
 DTYPES = ("auto", "float32", "bfloat16")
 ROLLOUTS = ("vllm", "transformers")
 KL_PENALTIES = ("sequence", "token")
+CREDITS = ("sequence", "critic")
 WARM_START_LOSSES = ("bon-sft", "advantage", "bon-weighted")
 SFT_BATCHES = ("prompt-chunks", "shuffled", "by-prompt")
 # Per --warm-start-loss, as calibrated on held-out prompts (docs/trainer.md): the epochs of
@@ -159,6 +160,24 @@ class TrainConfig:
             "does not depend on the sampled token; skips one forward pass per step; "
             "experimental, see docs/trainer.md).",
             "choices": KL_PENALTIES,
+        },
+    )
+    credit: str = field(
+        default="sequence",
+        metadata={
+            "help": "How RL credits a rollout's advantage to its tokens (vbon). sequence: "
+            "TRL's RLOO, every token the same; critic: per token, minus the change in a "
+            "critic's value over the prefix (a ridge fit of the base model's hidden states onto "
+            "the reference samples' log F-hat, made before RL; unbiased, less variance; "
+            "trainer/critic.py).",
+            "choices": CREDITS,
+        },
+    )
+    critic_prompts: int = field(
+        default=192,
+        metadata={
+            "help": "--credit critic: fit the critic on the reference samples of this many "
+            "warm-start prompts (the last ones; 15 %% of them held out to check the fit)."
         },
     )
     normalize_advantages: bool = field(
@@ -373,6 +392,18 @@ class TrainConfig:
         if self.kl_penalty not in KL_PENALTIES:
             errors.append(
                 f"--kl-penalty must be one of {', '.join(KL_PENALTIES)}, got {self.kl_penalty!r}"
+            )
+        if self.credit not in CREDITS:
+            errors.append(f"--credit must be one of {', '.join(CREDITS)}, got {self.credit!r}")
+        if self.credit == "critic" and self.method != "vbon":
+            errors.append(
+                "--credit critic fits its critic on the reference samples of --method vbon; "
+                "use --credit sequence for kl-rl and bon-sft"
+            )
+        if self.credit == "critic" and self.critic_prompts < 2:
+            errors.append(
+                f"--critic-prompts must be >= 2 (one to fit, one to check), got "
+                f"{self.critic_prompts}"
             )
         if self.rollouts not in ROLLOUTS:
             errors.append(

@@ -16,6 +16,7 @@ COLUMNS = {
     "kl_seq": "kl_seq",
     "kl": "kl_token",
     "token_kl": "sft_token_kl",  # --sft-kl-coef: per-token KL on the BoN-SFT batches
+    "critic_var_ratio": "critic_var_ratio",  # --credit critic: advantage variance left
     "completions/mean_length": "completion_len",
     "loss": "loss",
     "grad_norm": "grad_norm",

@@ -23,12 +23,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from trainer.config import TrainConfig, parse_config
 from trainer.reference import ReferenceRow
 from vbon.errors import ConfigError
 from vbon.sampling import Sampling
+
+if TYPE_CHECKING:  # torch loads in seconds; the job imports it where it trains
+    from trainer.critic import Critic
 
 logger = logging.getLogger("trainer")
 
@@ -786,6 +789,47 @@ def warm_start_stage(job: Job, rows: list[ReferenceRow]) -> Path:
     return folder
 
 
+def critic_stage(job: Job, trainer: Any, rows: list[ReferenceRow]) -> Critic:
+    """--credit critic: the critic fitted on the last --critic-prompts prompts' reference
+    samples, through the RL trainer's own base forward (trainer/critic.py). Kept in the run
+    folder (written atomically), so --resume does not fit it again."""
+    from trainer.critic import CRITIC_FILE, Critic, fit_critic
+    from vbon.prompts import render_task
+
+    cfg = job.cfg
+    path = cfg.run_dir / CRITIC_FILE
+    if cfg.resume and path.is_file():
+        critic = Critic.load(path)
+        logger.info("critic: reusing %s (held-out R^2 %.3f)", path, critic.r2_heldout)
+        return critic
+    tok = trainer.processing_class
+    groups = []
+    for row in rows[-cfg.critic_prompts :]:
+        prompt = render_task(tok, row.prompt)
+        prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        completions = [
+            sample_token_ids(tok, prompt, prompt_ids, text, job.sampling.max_tokens)
+            for text in row.responses
+        ]
+        groups.append((prompt_ids, completions, list(row.rewards)))
+    logger.info("critic: fitting on %d prompts x %d reference samples", len(groups),
+                len(rows[0].responses) if rows else 0)
+    started = time.monotonic()
+
+    def progress(done: int, total: int) -> None:
+        if done == total or done % max(1, total // 4) == 0:
+            logger.info("critic: %d/%d prompts (%.0f s)", done, total,
+                        time.monotonic() - started)
+
+    base_config = trainer.accelerator.unwrap_model(trainer.model).get_base_model().config
+    critic = fit_critic(
+        trainer.base_hidden_states, base_config, groups,
+        pad_id=tok.pad_token_id if tok.pad_token_id is not None else 0, progress=progress,
+    )
+    critic.save(path)
+    return critic
+
+
 def train_stage(job: Job, rows: list[ReferenceRow] | None):
     from transformers import set_seed
 
@@ -797,13 +841,18 @@ def train_stage(job: Job, rows: list[ReferenceRow] | None):
         trainer, callback = build_sft_trainer(job, rows)
     else:
         init = None
+        fit_rows = rows  # the critic's (--credit critic): the warm start's prompts, if any
         if job.cfg.warm_start_epochs > 0:
             assert rows is not None
             k = job.rl_prompts
-            init = warm_start_stage(job, rows[:-k] if k else rows)
+            fit_rows = rows[:-k] if k else rows
+            init = warm_start_stage(job, fit_rows)
             rows = rows[-k:] if k else rows
             set_seed(job.cfg.seed)
         trainer, callback = build_rloo_trainer(job, rows, init_adapter=init)
+        if job.cfg.credit == "critic":
+            assert fit_rows is not None
+            trainer.critic = critic_stage(job, trainer, fit_rows)
     _drop_default_progress(trainer)
     rollouts = getattr(trainer, "rollouts", None)
     if rollouts is not None:
@@ -841,6 +890,8 @@ def publish_stage(job: Job, trainer: Any, callback: Any, rows: list[ReferenceRow
         metrics: dict[str, Any] = {"train_steps": trainer.state.global_step}
         if callback.stop_reason:
             metrics["stopped_early"] = callback.stop_reason
+        if getattr(trainer, "critic", None) is not None:
+            metrics["critic_r2_heldout"] = round(trainer.critic.r2_heldout, 4)
         last = curve_rows[-min(len(curve_rows), cfg.kl_window) :] if curve_rows else []
         for key in ("reward", "log_fhat", "kl_seq"):
             vals = [float(r[key]) for r in last if r.get(key) not in ("", None)]

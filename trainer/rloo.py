@@ -21,6 +21,10 @@
    same noisy advantages as the reward. One step per generation keeps it on-policy, so the
    "old" log-probabilities TRL computes in a separate forward equal the loss forward's
    detached ones: that forward is skipped. Experimental, off by default (docs/trainer.md).
+4. With `--credit critic` (`critic` set, trainer/critic.py), each token gets its own advantage,
+   A - (V(s_t) - V(s_0)), V a critic of the base model's hidden states fitted on the reference
+   samples: one no-grad forward of the base per step (hidden states only, no LM head), and the
+   loss sums A_t log pi(y_t) over tokens (on-policy, as 3.). The KL penalty stays as chosen.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from typing import Any
 
 import torch
 
+from trainer.critic import Critic, token_advantages
 from trainer.logprobs import completion_logps_and_entropies, completion_logps_and_token_kl
 
 
@@ -39,21 +44,51 @@ def rloo_trainer_class() -> type:
     class VBoNRLOOTrainer(RLOOTrainer):
         rollouts: Any = None  # a trainer.rollouts.VLLMRollouts, set and started by the job
         token_kl_beta: float | None = None  # --kl-penalty token: KL weight (TRL's beta is 0)
+        critic: Critic | None = None  # --credit critic
         _skip_old_logps = False
 
+        @property
+        def _own_loss(self) -> bool:
+            return self.token_kl_beta is not None or self.critic is not None
+
         def _generate_and_score_completions(self, inputs):
-            if self.token_kl_beta is not None and (
+            if self._own_loss and (
                 self.args.num_iterations != 1 or self.args.steps_per_generation != 1
             ):
                 raise ValueError(
-                    "the token KL penalty is on-policy only: set num_iterations=1 and "
-                    "steps_per_generation=1"
+                    "the token KL penalty and the critic are on-policy only: set "
+                    "num_iterations=1 and steps_per_generation=1"
                 )
+            # The token KL replaces TRL's sequence penalty, which reads the "old" forward; with
+            # the sequence penalty (and the critic alone) that forward stays.
             self._skip_old_logps = self.token_kl_beta is not None
             try:
-                return super()._generate_and_score_completions(inputs)
+                out = super()._generate_and_score_completions(inputs)
             finally:
                 self._skip_old_logps = False
+            if self.critic is not None:
+                ids = torch.cat([out["prompt_ids"], out["completion_ids"]], dim=1)
+                mask = torch.cat([out["prompt_mask"], out["completion_mask"]], dim=1)
+                hidden = self.base_hidden_states(ids, mask)
+                out["values"] = self.critic.values(
+                    hidden, out["prompt_ids"].size(1) - 1, out["completion_ids"].size(1)
+                )
+            return out
+
+        @torch.no_grad()
+        def base_hidden_states(self, input_ids, attention_mask):
+            """The base model's hidden states (adapter off), under the step's autocast; the
+            LM head runs on one position only (the critic needs no logits)."""
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            device = next(unwrapped.parameters()).device
+            with unwrapped.disable_adapter(), self.accelerator.autocast():
+                out = unwrapped(
+                    input_ids=input_ids.to(device),
+                    attention_mask=attention_mask.to(device),
+                    output_hidden_states=True,
+                    logits_to_keep=1,
+                )
+            return out.hidden_states
 
         def _generate_single_turn(self, prompt_ids, images, multimodal_fields):
             if self.rollouts is None:
@@ -102,39 +137,56 @@ def rloo_trainer_class() -> type:
             return logps, entropies, None
 
         def _compute_loss(self, model, inputs):
-            if self.token_kl_beta is None:
+            if not self._own_loss:
                 return super()._compute_loss(model, inputs)
             completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
             input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
             attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
-            unwrapped = self.accelerator.unwrap_model(model)
-            with self.accelerator.autocast():
-                token_logps, token_kl, base_logps, entropies = completion_logps_and_token_kl(
-                    model,
-                    input_ids,
-                    attention_mask,
-                    completion_ids.size(1),
-                    base_context=unwrapped.disable_adapter,
-                    temperature=self.temperature,
-                    batch_size=input_ids.size(0),
+            mode = "train" if self.model.training else "eval"
+            if self.token_kl_beta is not None:
+                unwrapped = self.accelerator.unwrap_model(model)
+                with self.accelerator.autocast():
+                    token_logps, token_kl, base_logps, entropies = completion_logps_and_token_kl(
+                        model,
+                        input_ids,
+                        attention_mask,
+                        completion_ids.size(1),
+                        base_context=unwrapped.disable_adapter,
+                        temperature=self.temperature,
+                        batch_size=input_ids.size(0),
+                    )
+            else:
+                token_logps, entropies, _ = self._get_per_token_logps_and_entropies(
+                    model, input_ids, attention_mask, completion_ids.size(1),
+                    compute_entropy=True,
                 )
             mask = completion_mask.to(token_logps.dtype)
-            logps = (token_logps * mask).sum(1)
-            sequence_kl = (token_kl * mask).sum(1)
-            # On-policy TRL's clipped ratio exp(logps - old_logps) is 1 with gradient grad(logps).
-            loss = -(inputs["advantages"] * logps).mean() + self.token_kl_beta * sequence_kl.mean()
-
-            # Logged (and read by the KL early stop) as TRL logs it: the sampled-token estimate,
-            # which bf16 autocast leaves unbiased (see completion_logps_and_token_kl).
-            sampled_kl = (token_logps.detach() - base_logps) * mask
-            mode = "train" if self.model.training else "eval"
-            stats = self.accelerator.reduce(
-                torch.stack([sampled_kl.sum(), (entropies * mask).sum(), mask.sum()]),
-                reduction="sum",
-            )
-            tokens = stats[2].clamp(min=1.0)
-            self._metrics[mode]["kl"].append((stats[0] / tokens).item())
-            self._metrics[mode]["entropy"].append((stats[1] / tokens).item())
+            advantages = inputs["advantages"]
+            if self.critic is not None:
+                per_token = token_advantages(advantages, inputs["values"], mask)
+                # On-policy, TRL's clipped ratio is 1 with gradient grad(log pi): the loss is
+                # the policy gradient, each token with its own advantage.
+                loss = -(per_token * token_logps).sum(1).mean()
+                # How much of the advantage's variance over tokens the critic takes away.
+                sequence = advantages.unsqueeze(1).expand_as(per_token)[mask.bool()]
+                left = per_token[mask.bool()]
+                self._metrics[mode]["critic_var_ratio"].append(
+                    (left.var() / sequence.var().clamp(min=1e-12)).item()
+                )
+            else:
+                # On-policy TRL's ratio exp(logps - old_logps) is 1 with gradient grad(logps).
+                loss = -(advantages * (token_logps * mask).sum(1)).mean()
+            stats = [(entropies * mask).sum(), mask.sum()]
+            if self.token_kl_beta is not None:
+                loss = loss + self.token_kl_beta * (token_kl * mask).sum(1).mean()
+                # Logged (and read by the KL early stop) as TRL logs it: the sampled-token
+                # estimate, which bf16 autocast leaves unbiased (completion_logps_and_token_kl).
+                stats.append(((token_logps.detach() - base_logps) * mask).sum())
+            reduced = self.accelerator.reduce(torch.stack(stats), reduction="sum")
+            tokens = reduced[1].clamp(min=1.0)
+            self._metrics[mode]["entropy"].append((reduced[0] / tokens).item())
+            if self.token_kl_beta is not None:
+                self._metrics[mode]["kl"].append((reduced[2] / tokens).item())
             return loss
 
     return VBoNRLOOTrainer
