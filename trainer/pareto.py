@@ -72,7 +72,10 @@ def vbon_entries(folders: list[Path]) -> list[Entry]:
         meta = read_meta(f)
         if meta.method != "vbon" or not meta.n:
             raise ConfigError(f"--vbon '{f}': not a vBoN adapter (method {meta.method})")
-        out.append(Entry(f"vBoN-{meta.n}", "vbon", f, meta.n, meta.beta))
+        label = f"vBoN-{meta.n}"
+        if any(e.label == label for e in out):  # two of one N (a method comparison)
+            label = f"{label} ({f.name})"
+        out.append(Entry(label, "vbon", f, meta.n, meta.beta))
     return sorted(out, key=lambda e: e.n)
 
 
