@@ -46,6 +46,16 @@ def layer_indices(num_layers: int) -> list[int]:
     return sorted({max(1, round(d * num_layers)) for d in DEPTHS})
 
 
+def features(
+    hidden_states: Sequence[torch.Tensor], layers: Sequence[int], start: int, length: int
+) -> torch.Tensor:
+    """The critic's input at the `length` positions from `start`: those layers' hidden states,
+    concatenated, fp32 on the CPU (batch, length, features). One function for the fit and the
+    RL step, so both read the same positions."""
+    window = slice(start, start + length)
+    return torch.cat([hidden_states[i][:, window].float().cpu() for i in layers], dim=-1)
+
+
 @dataclass
 class Critic:
     """V(s) = features(s) · weight + bias, on the concatenated hidden states of `layers`."""
@@ -61,10 +71,8 @@ class Critic:
     ) -> torch.Tensor:
         """V at the `length` positions from `start` (those predicting the completion's tokens):
         (batch, length), fp32."""
-        feats = torch.cat(
-            [hidden_states[i][:, start : start + length].float() for i in self.layers], dim=-1
-        )
-        return feats @ self.weight.to(feats.device) + self.bias
+        v = features(hidden_states, self.layers, start, length) @ self.weight + self.bias
+        return v.to(hidden_states[0].device)  # beside the loss's tensors
 
     def save(self, path: Path) -> None:
         tmp = path.with_suffix(".tmp")
@@ -157,9 +165,8 @@ def fit_critic(
             for i, c in enumerate(completions):
                 ids[i, len(prompt_ids) : len(prompt_ids) + len(c)] = torch.tensor(c)
                 mask[i, len(prompt_ids) : len(prompt_ids) + len(c)] = 1
-            hs = hidden_states(ids, mask)
             start = len(prompt_ids) - 1  # the position predicting the first completion token
-            feats = torch.cat([hs[i][:, start : start + length].float().cpu() for i in layers], -1)
+            feats = features(hidden_states(ids, mask), layers, start, length)
             keep = mask[:, start + 1 : start + 1 + length].bool()  # a real token follows
             y = torch.tensor(targets).unsqueeze(1).expand(-1, length)
             (train if g < split else test).add(feats[keep], y[keep])
