@@ -7,6 +7,7 @@ The serving code sees only `GenerationBackend`; the engine is created in the app
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from collections.abc import AsyncIterator
@@ -54,6 +55,7 @@ class Delta:
     tokens: int
     finish_reason: str | None = None
     cumulative_logprob: float | None = None
+    token_ids: list[int] = field(default_factory=list)  # this piece's tokens (local engine)
 
 
 class GenerationBackend(Protocol):
@@ -66,6 +68,7 @@ class GenerationBackend(Protocol):
     def error(self) -> str | None: ...
     def count_tokens(self, text: str) -> int: ...
     def render_chat(self, messages: list[dict[str, str]]) -> str: ...
+    def decode(self, token_ids: list[int]) -> str: ...
     async def generate(
         self, prompt: str, sampling: Sampling, n: int, request_id: str, lora: LoraRef | None = None
     ) -> Generation: ...
@@ -124,6 +127,10 @@ class VLLMBackend:
 
         return render_chat(self._tokenizer, messages)
 
+    def decode(self, token_ids: list[int]) -> str:
+        # As vLLM's detokenizer writes a completion (special tokens dropped).
+        return self._tokenizer.decode(token_ids, skip_special_tokens=True)
+
     def _lora(self, lora: LoraRef | None) -> Any:
         if lora is None:
             return None
@@ -178,17 +185,21 @@ class VLLMBackend:
         engine = self._engine_or_raise()
         params = vllm_params(sampling, n=1, output_kind=RequestOutputKind.DELTA)
         self._running.add(request_id)
+        # aclosing: when our consumer closes this stream (an adaptive request pruning a
+        # candidate), vLLM's generator is closed at once, and it aborts the request in the
+        # engine (freeing its KV blocks) before we return, not whenever it is collected.
+        stream = engine.generate(prompt, params, request_id, lora_request=self._lora(lora))
         try:
-            async for out in engine.generate(
-                prompt, params, request_id, lora_request=self._lora(lora)
-            ):
-                c = out.outputs[0]
-                yield Delta(
-                    text=c.text,
-                    tokens=len(c.token_ids),
-                    finish_reason=c.finish_reason,
-                    cumulative_logprob=c.cumulative_logprob,
-                )
+            async with contextlib.aclosing(stream):
+                async for out in stream:
+                    c = out.outputs[0]
+                    yield Delta(
+                        text=c.text,
+                        tokens=len(c.token_ids),
+                        finish_reason=c.finish_reason,
+                        cumulative_logprob=c.cumulative_logprob,
+                        token_ids=list(c.token_ids),
+                    )
         except EngineDeadError as exc:
             raise EngineUnavailable("the engine has died; the server must be restarted") from exc
         finally:
@@ -237,6 +248,9 @@ class FakeBackend:
 
     def render_chat(self, messages: list[dict[str, str]]) -> str:
         return "".join(f"<{m['role']}>{m['content']}\n" for m in messages) + "<assistant>"
+
+    def decode(self, token_ids: list[int]) -> str:
+        return " ".join(self.WORDS[i] for i in token_ids)
 
     def _sample(self, prompt: str, sampling: Sampling, seed: int | None) -> Sample:
         rng = random.Random(f"{prompt}|{seed}" if seed is not None else None)
@@ -290,6 +304,7 @@ class FakeBackend:
                     1,
                     sample.finish_reason if last else None,
                     sample.cumulative_logprob if last else None,
+                    [self.WORDS.index(w)],
                 )
         finally:
             self.running.discard(request_id)

@@ -52,4 +52,16 @@ class Metrics:
             "Requests aborted because the client went away",
             registry=r,
         )
+        self.adaptive_candidates = Counter(
+            "vbon_adaptive_candidates_total",
+            "Candidates of adaptive best-of-N requests by outcome (finished, pruned)",
+            ["outcome"],
+            registry=r,
+        )
+        self.adaptive_stops = Counter(
+            "vbon_adaptive_requests_total",
+            "Adaptive best-of-N requests by stop reason (target_reached, n_exhausted)",
+            ["stop_reason"],
+            registry=r,
+        )
         self.adapters = Gauge("vbon_adapters_installed", "vBoN adapters being served", registry=r)

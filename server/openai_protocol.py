@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from server.protocol import ChatMessage, Text, Usage
+from server.protocol import AdaptiveInfo, ChatMessage, Text, Usage
 from vbon.sampling import DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, Sampling
 
 
@@ -99,7 +99,7 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "vbon"
-    kind: str = Field(description="base, bon or vbon")
+    kind: str = Field(description="base, bon, bon-adaptive or vbon")
     n: int | None = None
     beta: float | None = None
     parent: str | None = None
@@ -111,8 +111,11 @@ class ModelList(BaseModel):
 
 
 class BoNInfo(BaseModel):
-    n: int = Field(description="Samples drawn for best-of.")
-    kl_bound: float = Field(description="log N - (N-1)/N, the bound on KL(BoN || base).")
+    n: int = Field(description="Samples drawn for best-of (at most, when adaptive).")
+    kl_bound: float | None = Field(
+        None, description="log N - (N-1)/N, the bound on KL(BoN || base); plain best-of only."
+    )
+    adaptive: AdaptiveInfo | None = Field(None, description="Adaptive best-of: what happened.")
 
 
 class _Choice(BaseModel):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from vbon.sampling import (
     DEFAULT_MAX_TOKENS,
@@ -103,21 +103,115 @@ class Timings(BaseModel):
     total_s: float
 
 
-class BoNRequest(PromptFields):
-    n: int = Field(8, ge=1, description="N: samples drawn from the base model.")
+class Prune(BaseModel):
+    """Pruning: at each checkpoint the running candidates' partial completions are scored and
+    only the best `keep` fraction of them goes on; the others are aborted in the engine."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    at_tokens: list[int] = Field(
+        min_length=1,
+        max_length=8,
+        description="Checkpoints in generated tokens, increasing, each below max_tokens.",
+    )
+    keep: float = Field(
+        allow_inf_nan=False,
+        description="Fraction of the running candidates kept at each checkpoint (at least 1), "
+        "0 < keep < 1.",
+    )
+
+    @field_validator("keep")
+    @classmethod
+    def _keep(cls, v: float) -> float:
+        if not 0.0 < v < 1.0:
+            raise ValueError(f"keep is {v}; allowed: 0 < keep < 1")
+        return v
+
+    @model_validator(mode="after")
+    def _increasing(self) -> Prune:
+        if any(t < 1 for t in self.at_tokens):
+            raise ValueError(f"at_tokens holds token counts >= 1, got {self.at_tokens}")
+        if any(b <= a for a, b in zip(self.at_tokens, self.at_tokens[1:], strict=False)):
+            raise ValueError(f"at_tokens must be strictly increasing, got {self.at_tokens}")
+        return self
+
+
+class AdaptiveFields(BaseModel):
+    """Adaptive best-of-N (see server/adaptive.py): early exit and pruning."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    wave: int | None = Field(
+        None, ge=1,
+        description="Candidates started together; the next wave starts only if no finished "
+        "candidate reached the target. Default with a target: the server's default wave.",
+    )
+    stop_at_reward: float | None = Field(
+        None, allow_inf_nan=False,
+        description="Early exit: stop after the first wave holding a candidate with at least "
+        "this reward (within the reward model's range).",
+    )
+    stop_at_quantile: float | None = Field(
+        None, gt=0.0, lt=1.0, allow_inf_nan=False,
+        description="Early exit with the target given as this quantile of the base model's "
+        "reward distribution (needs VBON_REWARD_REFERENCE).",
+    )
+    prune: Prune | None = Field(None, description="Prune low partial rewards at checkpoints.")
+
+    def given(self) -> list[str]:
+        return [f for f in ("wave", "stop_at_reward", "stop_at_quantile", "prune")
+                if getattr(self, f) is not None]
+
+
+class BoNRequest(PromptFields, AdaptiveFields):
+    n: int = Field(8, ge=1, description="N: samples drawn from the base model (at most).")
     return_candidates: bool = Field(False, description="Also return every candidate, ranked.")
+    adaptive: bool = Field(
+        False,
+        description="Use the server's default adaptive setting (VBON_ADAPTIVE_DEFAULT) for the "
+        "adaptive fields this request leaves out.",
+    )
+
+    # (Checks that need n, max_tokens or the server's settings are in server/adaptive.py's
+    # resolve_plan, so that each 400 names its field.)
+
+
+class PartialReward(BaseModel):
+    tokens: int = Field(description="Checkpoint: the prefix's length in generated tokens.")
+    reward: float
 
 
 class Candidate(BaseModel):
     index: int = Field(description="Sample index within the request (seed + index).")
-    rank: int = Field(description="1 = highest reward.")
-    text: str
-    reward: float
-    tokens: int
+    rank: int = Field(description="1 = highest reward (finished candidates before pruned).")
+    text: str = Field(description="The completion; for a pruned one, the prefix judged.")
+    reward: float = Field(description="Reward of `text`.")
+    tokens: int = Field(description="Tokens generated (a pruned one's include those after the "
+                        "checkpoint that the engine made before the abort took effect).")
     # (BoN answers leave out null fields, so none of these may be required.)
     cumulative_logprob: float | None = None
     finish_reason: str | None = None
     seed: int | None = Field(None, description="Absent without a request seed.")
+    stopped: Literal["finished", "pruned"] | None = Field(
+        None, description="Adaptive requests: finished, or pruned at a checkpoint."
+    )
+    wave: int | None = Field(None, description="Adaptive requests: the wave it ran in (0-based).")
+    partial_rewards: list[PartialReward] | None = Field(
+        None, description="Adaptive requests: the reward of its prefix at each checkpoint."
+    )
+
+
+class AdaptiveInfo(BaseModel):
+    stop_reason: Literal["target_reached", "n_exhausted"] = Field(
+        description="target_reached: a wave held a candidate at or over the target; "
+        "n_exhausted: all N were drawn (or no target was set)."
+    )
+    samples: int = Field(description="Candidates started (<= n).")
+    waves: int
+    pruned: int = Field(description="Candidates aborted at a checkpoint.")
+    target: float | None = Field(None, description="The reward target used, if any.")
+    wave_size: int
+    prune: Prune | None = None
 
 
 class BoNResponse(BaseModel):
@@ -130,7 +224,11 @@ class BoNResponse(BaseModel):
     index: int
     seed: int | None = Field(None, description="Absent without a request seed.")
     finish_reason: str | None = None
-    kl_bound: float = Field(description="log N - (N-1)/N: upper bound on KL(BoN || base).")
+    kl_bound: float | None = Field(
+        None,
+        description="log N - (N-1)/N: upper bound on KL(BoN || base); plain best-of-N only.",
+    )
+    adaptive: AdaptiveInfo | None = Field(None, description="Adaptive requests: what happened.")
     candidates: list[Candidate] | None = None
     usage: Usage
     timings: Timings

@@ -278,6 +278,11 @@ class RemoteBackend:
 
         return render_chat(self._tok(), messages)
 
+    def decode(self, token_ids: list[int]) -> str:
+        # (Adaptive best-of-N, the only user, is refused in remote mode: the upstream streams
+        # carry no token ids. Kept for the interface.)
+        return self._tok().decode(token_ids, skip_special_tokens=True)
+
     # -- LoRA -----------------------------------------------------------------------------
     def _upstream_lora_path(self, lora: LoraRef) -> str:
         """Where the upstreams read this adapter: the adapters volume as mounted there. The

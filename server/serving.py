@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from server.adapter_registry import AdapterRegistry, AdapterVersion
+from server.adaptive import AdaptiveRun, Outcome, Plan, resolve_plan
 from server.admission import SampleBudget
 from server.backend import EngineUnavailable, Generation, GenerationBackend, LoraRef
 from server.bon_log import BoNLog
@@ -22,9 +23,12 @@ from server.errors import APIError
 from server.metrics import Metrics
 from server.protocol import (
     AdapterInfo,
+    AdaptiveFields,
+    AdaptiveInfo,
     BoNRequest,
     BoNResponse,
     Candidate,
+    PartialReward,
     PromptFields,
     Timings,
     Usage,
@@ -32,6 +36,7 @@ from server.protocol import (
     VBoNResponse,
 )
 from server.remote_backend import UpstreamError
+from server.reward_reference import RewardReference
 from server.settings import ServerSettings
 from vbon.bon import kl_bound
 from vbon.errors import ConfigError
@@ -79,6 +84,11 @@ class Gateway:
         self.metrics = metrics
         self.bon_log = bon_log
         self.budget = SampleBudget(settings.max_samples_in_flight)
+        self.reward_reference = (
+            RewardReference.from_jsonl(settings.reward_reference)
+            if settings.reward_reference is not None
+            else None
+        )
         name = settings.served_model_name or Path(backend.model_path).name or "base"
         self.model_name = name
 
@@ -134,24 +144,31 @@ class Gateway:
 
     # -- engine calls ---------------------------------------------------------------------
     @contextlib.asynccontextmanager
+    async def _engine_errors(self) -> AsyncIterator[None]:
+        """The per-request timeout and the engine's errors as API errors."""
+        try:
+            async with asyncio.timeout(self.settings.request_timeout_s):
+                yield
+        except TimeoutError:
+            raise APIError(
+                504,
+                f"generation took longer than {self.settings.request_timeout_s:g} s "
+                "(VBON_REQUEST_TIMEOUT_S): lower n or max_tokens, or retry",
+            ) from None
+        except EngineUnavailable as exc:
+            raise APIError(503, str(exc), headers={"Retry-After": "5"}) from exc
+        except UpstreamError as exc:  # remote mode: 502 / 504 naming the upstream
+            raise APIError(exc.status_code, str(exc), code="upstream_error") from exc
+
+    @contextlib.asynccontextmanager
     async def _engine_call(self, samples: int) -> AsyncIterator[None]:
-        """Admission, the per-request timeout and the engine's errors as API errors, for
-        every call into the backend (whole generations and streams alike)."""
+        """Admission plus _engine_errors, for every whole call into the backend (generations
+        and streams alike)."""
         with self.budget.hold(samples):
             self.metrics.samples_in_flight.set(self.budget.in_flight)
             try:
-                async with asyncio.timeout(self.settings.request_timeout_s):
+                async with self._engine_errors():
                     yield
-            except TimeoutError:
-                raise APIError(
-                    504,
-                    f"generation took longer than {self.settings.request_timeout_s:g} s "
-                    "(VBON_REQUEST_TIMEOUT_S): lower n or max_tokens, or retry",
-                ) from None
-            except EngineUnavailable as exc:
-                raise APIError(503, str(exc), headers={"Retry-After": "5"}) from exc
-            except UpstreamError as exc:  # remote mode: 502 / 504 naming the upstream
-                raise APIError(exc.status_code, str(exc), code="upstream_error") from exc
             finally:
                 self.metrics.samples_in_flight.set(self.budget.in_flight - samples)
 
@@ -206,12 +223,109 @@ class Gateway:
             self.bon_log.log(prompt, [s.text for s in gen.samples], rewards)
         return Scored(gen, rewards, order, t1 - t0, t2 - t1)
 
+    # -- adaptive best-of-N ----------------------------------------------------------------
+    def adaptive_plan(
+        self, fields: AdaptiveFields, n: int, sampling: Sampling, use_default: bool
+    ) -> Plan | None:
+        """The adaptive plan of a request (None: plain best-of-N), or a 400 naming the field."""
+        rng = self.reward.describe().get("range")
+        ref = self.reward_reference
+        return resolve_plan(
+            fields,
+            n,
+            sampling.max_tokens,
+            use_default,
+            self.settings.adaptive_default,
+            rng if isinstance(rng, list | tuple) and len(rng) == 2 else None,
+            ref.quantile if ref is not None else None,
+            self.settings.backend == "remote",
+        )
+
+    async def adaptive_best_of(
+        self, prompt: str, sampling: Sampling, plan: Plan, route: str
+    ) -> Outcome:
+        run = AdaptiveRun(
+            self.backend,
+            self.budget,
+            self.score,
+            lambda: self.metrics.samples_in_flight.set(self.budget.in_flight),
+            new_id("abon"),
+        )
+        async with self._engine_errors():
+            out = await run.run(prompt, sampling, plan)
+        m = self.metrics
+        m.samples.labels(route).inc(len(out.candidates))
+        m.tokens.labels(route, "prompt").inc(out.prompt_tokens)
+        m.tokens.labels(route, "completion").inc(out.completion_tokens)
+        m.adaptive_candidates.labels("pruned").inc(out.pruned)
+        m.adaptive_candidates.labels("finished").inc(len(out.candidates) - out.pruned)
+        m.adaptive_stops.labels(out.stop_reason).inc()
+        best = out.candidates[out.order[0]]
+        m.reward.labels(route).observe(best.reward or 0.0)
+        return out
+
+    def adaptive_info(self, plan: Plan, out: Outcome) -> AdaptiveInfo:
+        return AdaptiveInfo(
+            stop_reason=out.stop_reason,
+            samples=len(out.candidates),
+            waves=out.waves,
+            pruned=out.pruned,
+            target=plan.target,
+            wave_size=plan.wave,
+            prune=plan.prune_spec(),
+        )
+
+    def _adaptive_response(
+        self, req: BoNRequest, plan: Plan, out: Outcome, t0: float
+    ) -> BoNResponse:
+        best = out.candidates[out.order[0]]
+        candidates = None
+        if req.return_candidates:
+            candidates = [
+                Candidate(
+                    index=c.index,
+                    rank=rank,
+                    text=c.text,
+                    reward=c.reward if c.reward is not None else 0.0,
+                    tokens=c.tokens,
+                    cumulative_logprob=c.cumulative_logprob,
+                    finish_reason=c.finish_reason,
+                    seed=c.seed,
+                    stopped=c.state if c.state != "running" else None,
+                    wave=c.wave,
+                    partial_rewards=[PartialReward(tokens=t, reward=r) for t, r in c.partial],
+                )
+                for rank, c in enumerate((out.candidates[i] for i in out.order), start=1)
+            ]
+        return BoNResponse(
+            id=new_id("bon"),
+            model=self.model_name,
+            n=req.n,
+            text=best.text,
+            reward=best.reward if best.reward is not None else 0.0,
+            index=best.index,
+            seed=best.seed,
+            finish_reason=best.finish_reason,
+            adaptive=self.adaptive_info(plan, out),
+            candidates=candidates,
+            usage=Usage.of(out.prompt_tokens, out.completion_tokens),
+            timings=Timings(
+                generation_s=out.generation_s,
+                scoring_s=out.scoring_s,
+                total_s=time.perf_counter() - t0,
+            ),
+        )
+
     # -- routes' logic --------------------------------------------------------------------
     async def bon(self, req: BoNRequest) -> BoNResponse:
         t0 = time.perf_counter()
         prompt = self.render(req)
         sampling = req.sampling()
         self.check_limits(prompt, sampling, req.n)
+        plan = self.adaptive_plan(req, req.n, sampling, req.adaptive)
+        if plan is not None:
+            out = await self.adaptive_best_of(prompt, sampling, plan, "/v1/bon")
+            return self._adaptive_response(req, plan, out, t0)
         scored = await self.best_of(prompt, sampling, req.n, "/v1/bon")
         gen, best = scored.generation, scored.best
         seeds = [None if req.seed is None else req.seed + i for i in range(req.n)]

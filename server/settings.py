@@ -9,7 +9,13 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import NoDecode
 
+from server.protocol import AdaptiveFields, Prune
 from vbon.settings import CoreSettings
+
+# Chosen on the training prompts by `python -m clients.adaptive_bench --select` (docs/adaptive.md)
+DEFAULT_ADAPTIVE = AdaptiveFields(
+    wave=4, stop_at_reward=0.9, prune=Prune(at_tokens=[32], keep=0.5)
+)
 
 
 class ServerSettings(CoreSettings):
@@ -53,6 +59,19 @@ class ServerSettings(CoreSettings):
     )
     bon_log_max_bytes: int = Field(100_000_000, ge=1024, description="Rotate the log above this.")
     bon_log_backups: int = Field(5, ge=1, description="Rotated log files kept.")
+    adaptive_default: AdaptiveFields = Field(
+        DEFAULT_ADAPTIVE,
+        description="Adaptive best-of-N setting used by 'adaptive': true and the "
+        "'bon-<N>-adaptive' models, as JSON in the request's shape, e.g. "
+        '{"wave": 4, "stop_at_reward": 0.9, "prune": {"at_tokens": [32], "keep": 0.5}}. '
+        "The default target suits the embedded VADER reward (range -1..1): with another reward "
+        "model give your own target, or a quantile with VBON_REWARD_REFERENCE.",
+    )
+    reward_reference: Path | None = Field(
+        None,
+        description="JSONL of base-model rewards (a BoN log or a trainer reference file) for "
+        "'stop_at_quantile' targets; use one drawn at the max_tokens you serve.",
+    )
     log_level: str = Field("info", description="Log level (debug, info, warning, error).")
     # -- remote mode (VBON_BACKEND=remote): generation on vLLM OpenAI-compatible servers ------
     backend: Literal["local", "remote"] = Field(

@@ -1,6 +1,7 @@
 """OpenAI-compatible routes: /v1/models, /v1/completions, /v1/chat/completions.
 
-`model` picks what answers: the base model, BoN ('bon' with best_of, or 'bon-<N>'), or a vBoN
+`model` picks what answers: the base model, BoN ('bon' with best_of, or 'bon-<N>'), adaptive
+BoN ('bon-<N>-adaptive': at most N samples, the server's default early exit and pruning), or a vBoN
 adapter (its name, 'vbon' for the default, 'vbon-<N>' for the adapter trained for N)."""
 
 from __future__ import annotations
@@ -33,13 +34,14 @@ from server.openai_protocol import (
     ModelList,
     _OpenAIBase,
 )
-from server.protocol import Usage
+from server.protocol import AdaptiveFields, Usage
 from server.routers.common import abort_on_disconnect, get_gateway, sse, sse_error
 from server.serving import Gateway, new_id
 from vbon.bon import kl_bound
 
 router = APIRouter(tags=["openai"])
 BON_RE = re.compile(r"^bon-(\d+)$")
+BON_ADAPTIVE_RE = re.compile(r"^bon-(\d+)-adaptive$")
 VBON_RE = re.compile(r"^vbon-(\d+)$")
 DEFAULT_BON_N = 8
 
@@ -47,8 +49,9 @@ DEFAULT_BON_N = 8
 @dataclass
 class Target:
     kind: str  # "base" | "bon" | "vbon"
-    n: int  # samples to draw
+    n: int  # samples to draw (at most, when adaptive)
     adapter: AdapterVersion | None = None
+    adaptive: bool = False  # the server's default adaptive setting (VBON_ADAPTIVE_DEFAULT)
 
 
 def resolve_target(gateway: Gateway, req: _OpenAIBase) -> Target:
@@ -56,6 +59,21 @@ def resolve_target(gateway: Gateway, req: _OpenAIBase) -> Target:
     if model == gateway.model_name:
         n = best_of or req.n
         return Target("bon" if best_of and best_of > 1 else "base", n)
+    if m := BON_ADAPTIVE_RE.match(model):
+        n = int(m.group(1))
+        if best_of is not None and best_of != n:
+            raise APIError(
+                400,
+                f"model '{model}' means best_of={n} (at most); drop best_of or make it {n}",
+                param="best_of",
+            )
+        if req.n != 1:
+            raise APIError(
+                400,
+                f"model '{model}' returns one choice (its candidates stop early): n must be 1",
+                param="n",
+            )
+        return Target("bon", n, adaptive=True)
     if model == "bon" or BON_RE.match(model):
         m = BON_RE.match(model)
         n = int(m.group(1)) if m else (best_of or DEFAULT_BON_N)
@@ -100,6 +118,14 @@ def list_models(gateway: Gateway) -> ModelList:
             cards.append(
                 ModelCard(id=f"bon-{n}", created=now, kind="bon", n=n, parent=gateway.model_name)
             )
+    # Adaptive best-of-N needs the in-process engine.
+    if gateway.settings.backend == "local":
+        for n in (4, 8, 16, 32):
+            if n <= gateway.settings.max_n:
+                cards.append(
+                    ModelCard(id=f"bon-{n}-adaptive", created=now, kind="bon-adaptive", n=n,
+                              parent=gateway.model_name)
+                )
     for v in gateway.registry.all():
         cards.append(
             ModelCard(
@@ -135,6 +161,16 @@ async def _choices(
     sampling = req.sampling()
     gateway.check_limits(prompt, sampling, target.n)
     lora = target.adapter.ref if target.adapter else None
+    if target.adaptive:
+        plan = gateway.adaptive_plan(AdaptiveFields(), target.n, sampling, use_default=True)
+        assert plan is not None
+        out = await gateway.adaptive_best_of(prompt, sampling, plan, route)
+        best = out.candidates[out.order[0]]
+        choices = [
+            {"text": best.text, "finish_reason": best.finish_reason, "reward": best.reward}
+        ]
+        info = BoNInfo(n=target.n, adaptive=gateway.adaptive_info(plan, out))
+        return choices, out.prompt_tokens, out.completion_tokens, info
     if target.kind == "bon" or (req.best_of or 1) > 1:
         scored = await gateway.best_of(prompt, sampling, target.n, route, lora)
         gen = scored.generation
