@@ -89,6 +89,15 @@ def build_parser() -> argparse.ArgumentParser:
     _prompt_opts(p)
     p.add_argument("-n", type=int, default=8, help="N (default 8)")
     p.add_argument("--show-candidates", action="store_true", help="table of all N candidates")
+    p.add_argument(
+        "--adaptive", action="store_true",
+        help="adaptive BoN with the server's default setting (options below override it)",
+    )
+    p.add_argument("--stop-at-reward", type=float, help="early exit: stop at this reward")
+    p.add_argument("--stop-at-quantile", type=float, help="early exit: target as a quantile")
+    p.add_argument("--wave", type=int, help="candidates per wave (with a target)")
+    p.add_argument("--prune-at", help="pruning checkpoints in tokens, e.g. 16,32")
+    p.add_argument("--keep", type=float, default=0.5, help="fraction kept at a checkpoint")
     _common(p)
 
     p = sub.add_parser("vbon", help="one sample from a vBoN adapter")
@@ -127,11 +136,29 @@ def _print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=2, ensure_ascii=False))
 
 
+def adaptive_args(a: argparse.Namespace) -> dict[str, Any]:
+    fields: dict[str, Any] = {
+        "adaptive": a.adaptive or None,
+        "stop_at_reward": a.stop_at_reward,
+        "stop_at_quantile": a.stop_at_quantile,
+        "wave": a.wave,
+    }
+    if a.prune_at:
+        try:
+            at = [int(t) for t in a.prune_at.split(",") if t.strip()]
+        except ValueError:
+            msg = f"--prune-at takes token counts like 16,32, got {a.prune_at!r}"
+            raise SystemExit(msg) from None
+        fields["prune"] = {"at_tokens": at, "keep": a.keep}
+    return {k: v for k, v in fields.items() if v is not None}
+
+
 def cmd_bon(c: Client, a: argparse.Namespace) -> int:
     r = c.bon(
         **prompt_args(a.text, a.mode),
         n=a.n,
         return_candidates=a.show_candidates,
+        adaptive=adaptive_args(a) or None,
         **sampling_args(a),
     )
     if a.json:
@@ -139,14 +166,22 @@ def cmd_bon(c: Client, a: argparse.Namespace) -> int:
         return 0
     print(r.text.strip())
     print()
-    print(
-        f"best of N={r.n} (candidate {r.index}, seed {fmt(r.seed)}): reward {r.reward:.3f}, "
-        f"KL(BoN||base) <= {r.kl_bound:.3f} nats"
-    )
+    if r.adaptive is not None:
+        ad = r.adaptive
+        print(
+            f"adaptive best of at most N={r.n} (candidate {r.index}, seed {fmt(r.seed)}): "
+            f"reward {r.reward:.3f}; {ad.stop_reason} after {ad.samples} samples in "
+            f"{ad.waves} wave(s), {ad.pruned} pruned"
+        )
+    else:
+        print(
+            f"best of N={r.n} (candidate {r.index}, seed {fmt(r.seed)}): reward {r.reward:.3f}, "
+            f"KL(BoN||base) <= {fmt(r.kl_bound)} nats"
+        )
     print(
         f"tokens: {r.usage.prompt_tokens} prompt + {r.usage.completion_tokens} completion "
-        f"(all N); time {r.timings.total_s:.2f} s (generation {r.timings.generation_s:.2f} s, "
-        f"scoring {r.timings.scoring_s * 1000:.1f} ms)"
+        f"(all samples); time {r.timings.total_s:.2f} s (generation "
+        f"{r.timings.generation_s:.2f} s, scoring {r.timings.scoring_s * 1000:.1f} ms)"
     )
     if r.candidates:
         print()
@@ -157,7 +192,7 @@ def cmd_bon(c: Client, a: argparse.Namespace) -> int:
                 c_.reward,
                 c_.tokens,
                 c_.cumulative_logprob,
-                c_.finish_reason,
+                c_.finish_reason or c_.stopped,
                 c_.text,
             ]
             for c_ in r.candidates
@@ -230,7 +265,14 @@ def cmd_openai(c: Client, a: argparse.Namespace) -> int:
         return 0
     rows = [[ch.index, ch.reward, ch.finish_reason, ch.content] for ch in r.choices]
     print(text_table(["choice", "reward", "finish", "text"], rows))
-    extra = f"; best of {r.bon['n']}, KL bound {r.bon['kl_bound']:.3f}" if r.bon else ""
+    extra = ""
+    if r.bon:
+        extra = f"; best of {r.bon['n']}"
+        if r.bon.get("kl_bound") is not None:
+            extra += f", KL bound {r.bon['kl_bound']:.3f}"
+        if r.bon.get("adaptive"):
+            ad = r.bon["adaptive"]
+            extra += f" at most: {ad['stop_reason']} after {ad['samples']} samples"
     print(
         f"\nmodel {r.model}; tokens {r.usage.prompt_tokens} prompt + "
         f"{r.usage.completion_tokens} completion{extra}"

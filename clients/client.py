@@ -123,6 +123,16 @@ def _prompt_fields(prompt: str | None, messages: list[dict[str, str]] | None) ->
     return {"prompt": prompt} if prompt is not None else {"messages": messages}
 
 
+def _adaptive_fields(adaptive: bool | dict[str, Any] | None) -> dict[str, Any]:
+    """`adaptive`: True for the server's default adaptive setting, or a dict of the adaptive
+    fields (wave, stop_at_reward, stop_at_quantile, prune={"at_tokens": [...], "keep": f})."""
+    if adaptive is None or adaptive is False:
+        return {}
+    if adaptive is True:
+        return {"adaptive": True}
+    return _drop_none(dict(adaptive))
+
+
 def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in d.items() if v is not None}
 
@@ -154,12 +164,15 @@ class _Requests:
         return {"Authorization": f"Bearer {key}"} if key else {}
 
     @staticmethod
-    def bon_body(prompt, messages, n, return_candidates, sampling) -> dict[str, Any]:
+    def bon_body(
+        prompt, messages, n, return_candidates, sampling, adaptive=None
+    ) -> dict[str, Any]:
         return {
             **_prompt_fields(prompt, messages),
             "n": n,
             "return_candidates": return_candidates,
             **_drop_none(sampling),
+            **_adaptive_fields(adaptive),
         }
 
     @staticmethod
@@ -300,9 +313,10 @@ class Client(_Requests):
         top_k: int | None = None,
         seed: int | None = None,
         stop: str | list[str] | None = None,
+        adaptive: bool | dict[str, Any] | None = None,
     ) -> BoNResult:
         s = _sampling(max_tokens, temperature, top_p, top_k, seed, stop)
-        body = self.bon_body(prompt, messages, n, return_candidates, s)
+        body = self.bon_body(prompt, messages, n, return_candidates, s, adaptive)
         return self.parse(BoNResult, self._send("POST", "/v1/bon", json_body=body))
 
     def vbon(
@@ -465,9 +479,10 @@ class AsyncClient(_Requests):
         top_k: int | None = None,
         seed: int | None = None,
         stop: str | list[str] | None = None,
+        adaptive: bool | dict[str, Any] | None = None,
     ) -> BoNResult:
         s = _sampling(max_tokens, temperature, top_p, top_k, seed, stop)
-        body = self.bon_body(prompt, messages, n, return_candidates, s)
+        body = self.bon_body(prompt, messages, n, return_candidates, s, adaptive)
         return self.parse(BoNResult, await self._send("POST", "/v1/bon", json_body=body))
 
     async def vbon(

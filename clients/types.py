@@ -34,6 +34,19 @@ class Candidate(_Model):
     cumulative_logprob: float | None = None
     finish_reason: str | None = None
     seed: int | None = None
+    stopped: str | None = None  # adaptive: "finished" or "pruned"
+    wave: int | None = None
+    partial_rewards: list[dict[str, float]] | None = None  # [{"tokens", "reward"}]
+
+
+class AdaptiveInfo(_Model):
+    stop_reason: str
+    samples: int
+    waves: int
+    pruned: int
+    target: float | None = None
+    wave_size: int
+    prune: dict[str, Any] | None = None
 
 
 class BoNResult(_Model):
@@ -45,7 +58,8 @@ class BoNResult(_Model):
     index: int
     seed: int | None = None
     finish_reason: str | None = None
-    kl_bound: float
+    kl_bound: float | None = None  # plain best-of-N only
+    adaptive: AdaptiveInfo | None = None
     candidates: list[Candidate] | None = None
     usage: Usage
     timings: Timings
