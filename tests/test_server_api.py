@@ -17,14 +17,15 @@ from tests.adapters_util import make_fake_adapter
 
 
 def make_client(tmp_path: Path, backend: FakeBackend | None = None, **overrides) -> TestClient:
-    settings = ServerSettings(
-        adapters_dir=tmp_path / "adapters",
-        adapter_poll_s=0,
-        max_n=16,
-        max_tokens_limit=64,
-        max_prompt_tokens=50,
+    fields = {
+        "adapters_dir": tmp_path / "adapters",
+        "adapter_poll_s": 0,
+        "max_n": 16,
+        "max_tokens_limit": 64,
+        "max_prompt_tokens": 50,
         **overrides,
-    )
+    }
+    settings = ServerSettings(**fields)
     fake = backend or FakeBackend()
     app = create_app(settings, backend_factory=lambda s: fake, background_load=False)
     return TestClient(app)

@@ -227,3 +227,85 @@ def test_bon_log_holds_whole_lines(server: ServerProcess) -> None:
     log = server.tmp / "bon.jsonl"  # type: ignore[attr-defined]
     rows = [json.loads(line) for line in log.read_text().splitlines()]
     assert rows and all(len(r["responses"]) == len(r["rewards"]) for r in rows)
+
+
+# -- adaptive best-of-N on the real engine -------------------------------------------------------
+def _running(server: ServerProcess) -> int:
+    deadline = time.monotonic() + 30
+    running = -1
+    while time.monotonic() < deadline:
+        running = httpx.get(server.url + "/ready").json()["engine_running_requests"]
+        if running == 0:
+            break
+        time.sleep(0.2)
+    return running
+
+
+def test_adaptive_early_exit_stops_at_the_first_wave_over_the_target(
+    server: ServerProcess,
+) -> None:
+    req = {"messages": MSGS, "n": 12, "wave": 4, "seed": 7, "max_tokens": 24,
+           "return_candidates": True}
+    # A probe that never exits early (VADER's 1.0 is out of reach) shows every wave's rewards;
+    # the same seeds then replay the same candidates.
+    post(server, "/v1/bon", {**req, "stop_at_reward": 1.0})  # warm the prefix cache
+    probe = post(server, "/v1/bon", {**req, "stop_at_reward": 1.0}).json()
+    assert probe["adaptive"]["samples"] == 12 and probe["adaptive"]["waves"] == 3
+    rewards = {c["index"]: c["reward"] for c in probe["candidates"]}
+    waves = [[rewards[i] for i in range(w, w + 4)] for w in (0, 4, 8)]
+    k = next((k for k in (1, 2) if max(waves[k]) > max(waves[0])), 0)
+    target = max(waves[k])
+    body = post(server, "/v1/bon", {**req, "stop_at_reward": target}).json()
+    ad = body["adaptive"]
+    assert ad["stop_reason"] == "target_reached" and ad["waves"] == k + 1
+    assert ad["samples"] == 4 * (k + 1) == len(body["candidates"])
+    drawn = [rewards[i] for i in range(4 * (k + 1))]
+    assert body["reward"] == pytest.approx(max(drawn), abs=1e-4)
+    texts = {c["index"]: c["text"] for c in probe["candidates"]}
+    assert all(c["text"] == texts[c["index"]] for c in body["candidates"])
+    vader = load_reward("vader")
+    assert vader.score(["x"], [body["text"]])[0] == pytest.approx(body["reward"])
+    assert body["usage"]["completion_tokens"] == sum(c["tokens"] for c in body["candidates"])
+    assert _running(server) == 0
+
+
+def test_adaptive_pruning_returns_the_best_survivor_and_frees_the_engine(
+    server: ServerProcess,
+) -> None:
+    req = {"messages": MSGS, "n": 8, "seed": 5, "max_tokens": 48, "return_candidates": True,
+           "prune": {"at_tokens": [8], "keep": 0.5}}
+    post(server, "/v1/bon", req)  # warm the prefix cache (bf16 rounding differs when cold)
+    body = post(server, "/v1/bon", req).json()
+    assert _running(server) == 0  # the pruned candidates' engine requests were aborted
+    cands = body["candidates"]
+    pruned = [c for c in cands if c["stopped"] == "pruned"]
+    kept = [c for c in cands if c["stopped"] == "finished" and c["partial_rewards"]]
+    assert len(pruned) == body["adaptive"]["pruned"] >= 1
+    assert min(c["partial_rewards"][0]["reward"] for c in kept) >= max(
+        c["partial_rewards"][0]["reward"] for c in pruned
+    )
+    finished = [c for c in cands if c["stopped"] == "finished"]
+    assert body["reward"] == max(c["reward"] for c in finished)
+    vader = load_reward("vader")
+    for c in pruned:  # judged on its first 8 tokens, stopped soon after
+        assert c["reward"] == pytest.approx(vader.score(["x"], [c["text"]])[0])
+        assert 8 <= c["tokens"] <= 48 and c.get("finish_reason") is None
+    for c in finished:
+        assert (c["tokens"] == 48) == (c["finish_reason"] == "length")
+    assert body["usage"]["completion_tokens"] == sum(c["tokens"] for c in cands)
+    # The same seed replays the same decisions: which candidates were judged on which prefix,
+    # and which were pruned. (They depend only on the first 8 tokens; a survivor's later tokens
+    # can differ in a bf16 rounding once the aborts change the engine's batch.)
+    def decisions(b: dict) -> list:
+        return sorted((c["index"], c["stopped"], c["partial_rewards"],
+                       c["text"] if c["stopped"] == "pruned" else None)
+                      for c in b["candidates"])
+
+    assert decisions(post(server, "/v1/bon", req).json()) == decisions(body)
+    # The default adaptive model through the OpenAI route.
+    r = post(server, "/v1/chat/completions",
+             {"model": "bon-16-adaptive", "messages": MSGS, "max_tokens": 48, "seed": 5})
+    assert r.status_code == 200, r.text
+    assert r.json()["bon"]["adaptive"]["samples"] <= 16 and _running(server) == 0
+    metrics = httpx.get(server.url + "/metrics").text
+    assert 'vbon_adaptive_candidates_total{outcome="pruned"}' in metrics
