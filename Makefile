@@ -8,7 +8,7 @@ BENCH_ARGS ?=
 EVAL_ARGS ?=
 PARETO_ARGS ?=
 
-.PHONY: install model serve test test-fast lint train pareto bench eval clean help docker-image \
+.PHONY: install model serve test test-fast lint train pareto bench bench-adaptive eval clean help docker-image \
 	docker-test reliability
 
 help:
@@ -16,6 +16,7 @@ help:
 	@echo "make test    install, prepare the embedded model, run ruff and the test suite"
 	@echo "make train   train a vBoN-8 adapter on the defaults (python -m trainer --help)"
 	@echo "make pareto  reward vs KL: base, BoN-N, the shipped vBoN-N, KL-RL, BoN-SFT (docs/results)"
+	@echo "make bench-adaptive   adaptive BoN (early exit, pruning) vs BoN-1..32 (docs/results/adaptive)"
 	@echo "make reliability   fuzz, load and fault checks with a summary table"
 
 install:
@@ -52,6 +53,9 @@ pareto: model
 
 bench: model
 	$(PY) -m clients.bench $(BENCH_ARGS)
+
+bench-adaptive: model
+	$(PY) -m clients.adaptive_bench $(BENCH_ARGS)
 
 eval: model
 	$(PY) -m clients.eval $(EVAL_ARGS)

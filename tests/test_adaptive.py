@@ -290,3 +290,28 @@ def test_a_cancelled_request_aborts_every_candidate_and_returns_its_budget(
 
         live, in_flight = c.portal.call(go)  # type: ignore[attr-defined]
         assert live == 8 and in_flight == 0 and fake.running == set()
+
+
+def test_the_benchmarks_replay_decides_as_the_gateway(client: TestClient) -> None:
+    """clients.adaptive_bench chooses the default setting by replaying settings offline on
+    plain BoN's candidates; the replay must take the gateway's decisions."""
+    from clients.adaptive_bench import Cand, Setting, replay
+    from vbon.rewards import load_reward
+
+    vader = load_reward("vader")
+    for seed in (1, 2, 3):
+        plain = client.post("/v1/bon", json={**BASE, "seed": seed, "n": 16}).json()
+        by_index = sorted(plain["candidates"], key=lambda c: c["index"])
+        cands = []
+        for c in by_index:
+            words = c["text"].split(" ")
+            prefix = {cp: vader.score(["x"], [" ".join(words[:cp])])[0] for cp in (4, 8)}
+            cands.append(Cand(c["text"], c["reward"], c["tokens"], prefix))
+        for name in ("n16:w4:t0.6", "n16:p4,8:k0.5", "n16:w4:t0.9:p4:k0.5", "n8:w2:t0.95"):
+            s = Setting.parse(name)
+            live = client.post("/v1/bon", json={**BASE, "seed": seed, "n": s.n,
+                                                **s.fields()}).json()
+            reward, tokens = replay(cands, s, Setting("default", wave=4))
+            assert reward == live["reward"], (seed, name)
+            if not s.at_tokens:  # nothing aborted: the tokens agree too
+                assert tokens == live["usage"]["completion_tokens"], (seed, name)
