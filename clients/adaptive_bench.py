@@ -27,17 +27,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import math
 import re
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from clients.client import AsyncClient, RetryPolicy
 from clients.errors import VBoNClientError
+from vbon.adapters import write_json_atomic
 from vbon.report import machine_line, machine_stamp, write_report
 from vbon.table import markdown_table
 
@@ -329,16 +331,32 @@ async def run_length(
         if done[0] % 10 == 0:
             log(f"  {length} tokens: {done[0]} requests")
 
-    log(f"{length} tokens: drawing 32 candidates for {len(prompts)} prompts")
-    raw = await draw_candidates(client, messages, length, seed, 4, tick)
-    cps = tuple(c for c in CHECKPOINTS.get(length, (8, 16, 32)) if c < length)
+    # Candidates are kept in the work dir: a rerun (another grid, a crash) does not redraw them.
+    cache = Path(cfg["work_dir"]) / (
+        f"candidates-{cfg['prompts']}-{len(prompts)}-L{length}-s{seed}.json"
+    )
+    if cache.is_file():
+        raw = json.loads(cache.read_text())
+        log(f"{length} tokens: candidates from {cache}")
+    else:
+        log(f"{length} tokens: drawing 32 candidates for {len(prompts)} prompts")
+        raw = await draw_candidates(client, messages, length, seed, 4, tick)
+        write_json_atomic(cache, raw)
+    candidates = [*grid(), default] if cfg["select"] else settings
+    # A setting whose checkpoints reach max_tokens is refused by the gateway: left out here too.
+    candidates = [s for s in candidates if all(c < length for c in s.at_tokens)]
+    cps = tuple(sorted({c for c in CHECKPOINTS.get(length, (8, 16, 32)) if c < length}
+                       | {c for s in [*candidates, default] for c in s.at_tokens if c < length}))
     cands = prefix_rewards(raw, [m[0]["content"] for m in messages], cps, tokenizer, reward)
     bon = bon_rows(cands)
     bon16 = next(r for r in bon if r["n"] == 16)
     result: dict[str, Any] = {"length": length, "bon": bon,
                               "correlation": correlations(cands, cps)}
-    result["replay"] = replay_rows(cands, settings if not cfg["select"] else grid(), default,
-                                   bon16["per_prompt"])
+    short_default = replace(default, at_tokens=tuple(c for c in default.at_tokens if c < length))
+    result["replay"] = replay_rows(
+        cands, [short_default if s.name == "default" else s for s in candidates], short_default,
+        bon16["per_prompt"],
+    )
     if cfg["select"]:
         return result
     live = []
@@ -589,6 +607,7 @@ async def _main(args: argparse.Namespace, argv: list[str]) -> int:
     prompts = load_prompts(path)[: args.n_prompts]
     out = Path(args.out or "docs/results/adaptive")
     out.mkdir(parents=True, exist_ok=True)
+    Path(args.work_dir).mkdir(parents=True, exist_ok=True)
     core = CoreSettings()
     tokenizer = AutoTokenizer.from_pretrained(core.resolved_model())
     reward = core.load_reward()
@@ -603,7 +622,6 @@ async def _main(args: argparse.Namespace, argv: list[str]) -> int:
         from clients.launch import LocalServer
 
         work = Path(args.work_dir)
-        work.mkdir(parents=True, exist_ok=True)
         env = {"VBON_MAX_N": "32", "VBON_MAX_TOKENS_LIMIT": str(max(512, *lengths)),
                "VBON_MAX_SAMPLES_IN_FLIGHT": "4096", "VBON_REQUEST_TIMEOUT_S": "1800",
                "VBON_SHIPPED_ADAPTERS": "false", "VBON_ADAPTERS_DIR": str(work / "adapters")}
@@ -615,7 +633,7 @@ async def _main(args: argparse.Namespace, argv: list[str]) -> int:
            "n_prompts": len(prompts), "lengths": lengths, "seed": args.seed,
            "settings": [s.name for s in settings], "select": args.select,
            "samples_in_flight": args.samples_in_flight, "level_s": args.level_s,
-           "alone_requests": args.alone_requests}
+           "alone_requests": args.alone_requests, "work_dir": args.work_dir}
     try:
         async with AsyncClient(url, api_key=args.api_key, timeout=1800,
                                retry=RetryPolicy(max_retries=8, backoff_s=0.5, max_wait_s=10),

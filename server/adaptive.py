@@ -20,7 +20,6 @@ admission budget from its start to its end, so pruning and early exit give it ba
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -166,6 +165,7 @@ class Candidate:
     prefixes: dict[int, str] = field(default_factory=dict)  # checkpoint -> prefix text
     partial: list[tuple[int, float]] = field(default_factory=list)
     reward: float | None = None
+    holds_budget: bool = False  # one unit of the admission budget, from start to end
 
     @property
     def tokens(self) -> int:
@@ -242,6 +242,8 @@ class AdaptiveRun:
                 self.budget.take(len(cands))
             else:
                 await self.budget.take_when_free(len(cands))
+            for c in cands:
+                c.holds_budget = True
             self.on_budget()
             await self._wave(prompt, sampling, plan, cands)
             finished = [c for c in cands if c.state == "finished"]
@@ -302,6 +304,15 @@ class AdaptiveRun:
             for task in tasks.values():
                 task.cancel()
             await asyncio.gather(*tasks.values(), return_exceptions=True)
+            # (A task cancelled before it first ran never reached its own finally.)
+            for c in cands:
+                self._release(c)
+
+    def _release(self, c: Candidate) -> None:
+        if c.holds_budget:
+            c.holds_budget = False
+            self.budget.release(1)
+            self.on_budget()
 
     async def _until(self, tasks: dict[int, asyncio.Task[None]], ready: Callable[[], bool]):
         while True:
@@ -332,7 +343,5 @@ class AdaptiveRun:
                 self._changed.set()
         finally:
             c.done = True
-            self.budget.release(1)
-            self.on_budget()
-            with contextlib.suppress(RuntimeError):
-                self._changed.set()
+            self._release(c)
+            self._changed.set()

@@ -315,3 +315,19 @@ def test_the_benchmarks_replay_decides_as_the_gateway(client: TestClient) -> Non
             assert reward == live["reward"], (seed, name)
             if not s.at_tokens:  # nothing aborted: the tokens agree too
                 assert tokens == live["usage"]["completion_tokens"], (seed, name)
+
+
+def test_benchmark_settings_parse_and_bad_ones_say_the_format() -> None:
+    from clients.adaptive_bench import Setting, parse_settings, spearman
+
+    got = parse_settings("default;n16:w4:t0.9:p32:k0.5,n8:p16,32:k0.25")
+    assert [s.name for s in got] == ["default", "n16:w4:t0.9:p32:k0.5", "n8:p16,32:k0.25"]
+    assert got[1].fields() == {"wave": 4, "stop_at_reward": 0.9,
+                               "prune": {"at_tokens": [32], "keep": 0.5}}
+    assert got[2] == Setting("n8:p16,32:k0.25", 8, None, None, (16, 32), 0.25)
+    assert got[0].fields() == {"adaptive": True}
+    with pytest.raises(ValueError, match="n<N>:w<wave>"):
+        Setting.parse("wave=4")
+    assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 1, 2], [5, 5, 9]) == pytest.approx(1.0)
+    assert spearman([1, 1], [2, 3]) is None

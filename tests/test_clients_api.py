@@ -234,6 +234,21 @@ def test_cli_bon_table(url: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert len([ln for ln in table[2:] if ln.strip()]) == 5  # header rule + 5 rows
 
 
+def test_cli_and_client_adaptive_bon(url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = cli_main(["bon", "The movie was", "-n", "8", "--stop-at-reward", "0.5", "--wave", "2",
+                   "--prune-at", "4", "--keep", "0.5", "--seed", "3", "--max-tokens", "12",
+                   "--show-candidates", "--url", url])
+    out = capsys.readouterr().out
+    assert rc == 0 and "adaptive best of at most N=8" in out and "samples in" in out
+    with Client(url) as c:
+        r = c.bon("The movie was", n=8, max_tokens=40, seed=3, adaptive=True)
+        assert r.adaptive is not None and r.adaptive.wave_size == 4 and r.kl_bound is None
+        plain = c.bon("The movie was", n=8, max_tokens=40, seed=3)
+        assert plain.adaptive is None and plain.kl_bound is not None
+    assert cli_main(["bon", "x", "-n", "8", "--prune-at", "4,2", "--url", url]) == 1
+    assert "at_tokens must be strictly increasing" in capsys.readouterr().err
+
+
 def test_cli_vbon_models_ready(url: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli_main(["vbon", "The movie was", "--url", url]) == 0
     assert "adapter vbon-n8" in capsys.readouterr().out
