@@ -1,8 +1,9 @@
 """Adaptive best-of-N: early exit and pruning. This module owns the candidates' lifetimes.
 
 A request draws at most N candidates, in waves of `wave` (all N together without a target).
-Each candidate is its own engine request (n = 1, seed + index, so candidate i is the very
-sample plain BoN's candidate i is), streamed so that it can be stopped:
+Candidate i is seeded seed + i, as plain BoN's candidate i is. A wave with pruning checkpoints
+runs each candidate as its own engine request (n = 1), streamed with its token ids so that it
+can be judged and stopped; a wave without checkpoints is one engine request with n = the wave.
 
 - **Pruning.** At each checkpoint c (in generated tokens) the wave waits until every running
   candidate has c tokens or has finished short of c; the prefixes (the first c tokens,
@@ -167,9 +168,11 @@ class Candidate:
     reward: float | None = None
     holds_budget: bool = False  # one unit of the admission budget, from start to end
 
+    generated: int | None = None  # token count when token ids were not kept (whole waves)
+
     @property
     def tokens(self) -> int:
-        return len(self.token_ids)
+        return len(self.token_ids) if self.generated is None else self.generated
 
     def sample(self) -> Sample:
         return Sample(self.text, self.tokens, self.cumulative_logprob, self.finish_reason)
@@ -263,6 +266,9 @@ class AdaptiveRun:
     async def _wave(
         self, prompt: str, sampling: Sampling, plan: Plan, cands: list[Candidate]
     ) -> None:
+        if not plan.at_tokens:
+            await self._whole_wave(prompt, sampling, cands)
+            return
         tasks = {
             c.index: asyncio.create_task(
                 self._consume(prompt, replace(sampling, seed=c.seed), c, plan.at_tokens)
@@ -313,6 +319,27 @@ class AdaptiveRun:
             c.holds_budget = False
             self.budget.release(1)
             self.on_budget()
+
+    async def _whole_wave(self, prompt: str, sampling: Sampling, cands: list[Candidate]) -> None:
+        """A wave nothing will stop midway (no checkpoints): one engine request with n = the
+        wave, seeded seed + its first index, so its children are seeded exactly as the
+        candidates are (vLLM seeds child j with seed + j). The prompt is prefilled once and the
+        wave enters the engine's batch at once."""
+        first = cands[0]
+        try:
+            gen = await self.backend.generate(
+                prompt, replace(sampling, seed=first.seed), len(cands),
+                f"{self.request_id}-w{first.wave}",
+            )
+        finally:
+            for c in cands:
+                c.done = True
+                self._release(c)
+        for c, smp in zip(cands, gen.samples, strict=True):
+            c.text, c.finish_reason = smp.text, smp.finish_reason
+            c.cumulative_logprob = smp.cumulative_logprob
+            c.generated = smp.tokens
+            c.state = "finished"
 
     async def _until(self, tasks: dict[int, asyncio.Task[None]], ready: Callable[[], bool]):
         while True:
