@@ -105,13 +105,21 @@ class Setting:
 
 
 def grid() -> list[Setting]:
+    """What --select replays: early exit (n, wave, target), with and without pruning, and
+    pruning alone. n = 32 lets hard prompts draw past 16 what easy ones save."""
     out = []
+    for n in (16, 32):
+        for w in (2, 4):
+            for t in (0.8, 0.85, 0.9, 0.95):
+                for prune in ("", ":p32:k0.5", ":p16:k0.5", ":p64:k0.5"):
+                    out.append(Setting.parse(f"n{n}:w{w}:t{t}{prune}"))
+    for prune in ("p16,32:k0.5", "p16,32,64:k0.5", "p32,64:k0.5"):
+        out += [Setting.parse(f"n16:{prune}"), Setting.parse(f"n32:{prune}")]
+    # Finer targets where the coarse grid crosses BoN-16 at 128 tokens.
     for w in (2, 4):
-        for t in (0.8, 0.85, 0.9, 0.95):
-            for prune in ("", ":p32:k0.5", ":p16:k0.5"):
-                out.append(Setting.parse(f"n16:w{w}:t{t}{prune}"))
-    out.append(Setting.parse("n16:p16,32:k0.5"))
-    out.append(Setting.parse("n32:p16,32,64:k0.5"))
+        for t in (0.86, 0.87, 0.88):
+            for prune in ("", ":p24:k0.5", ":p32:k0.5", ":p48:k0.5"):
+                out.append(Setting.parse(f"n32:w{w}:t{t}{prune}"))
     return out
 
 
@@ -426,7 +434,9 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"`{result['command']}` — {result['date']}, {result['duration_s'] / 60:.0f} min; "
         f"{machine_line(result['machine'])}; {result['config']['prompts']} "
         f"({result['config']['n_prompts']} prompts, seed {result['config']['seed']}); "
-        f"server default: `{result['server_default']}`.",
+        f"`default` = `{{\"n\": {result['config']['default_n']}, \"adaptive\": true}}` "
+        f"(model `bon-{result['config']['default_n']}-adaptive`) with the server's default "
+        f"setting `{json.dumps(result['server_default'])}`.",
         "",
         "Reward: mean over prompts ± SE. BoN-N rows are the best of each prompt's first N "
         "seeded candidates (what `/v1/bon` with that seed returns). Δ BoN-16: paired "
@@ -483,10 +493,13 @@ def render_markdown(result: dict[str, Any]) -> str:
               f"{r['diff']:+.3f} ± {_f(r['diff_se'])}", _f(r["tokens"], 0)] for r in rep]), ""]
         if result["config"]["select"]:
             bon16 = next(r for r in res["bon"] if r["n"] == 16)
-            ok = [r for r in rep if r["diff"] >= 0]
-            pick = ok[0]["setting"] if ok else None
-            lines += [f"Fewest tokens at or above BoN-16's mean reward ({_f(bon16['reward'])}, "
-                      f"{bon16['tokens']:.0f} tokens): **{pick}**.", ""]
+            within = [r for r in rep if r["diff"] >= -r["diff_se"]]
+            above = [r for r in rep if r["diff"] >= 0]
+            lines += [
+                f"BoN-16: {_f(bon16['reward'])} with {bon16['tokens']:.0f} tokens. Fewest "
+                f"tokens within one SE of it (paired): "
+                f"**{within[0]['setting'] if within else '-'}**; at or above it: "
+                f"**{above[0]['setting'] if above else '-'}**.", ""]
     return "\n".join(lines) + "\n"
 
 
@@ -569,6 +582,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--select", action="store_true",
                    help="replay a grid of settings (no live runs): how the default is chosen")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--default-n", type=int, default=32,
+                   help="n of the 'default' setting (adaptive: true), i.e. bon-<n>-adaptive")
     p.add_argument("--samples-in-flight", type=int, default=64,
                    help="closed loop: concurrency = this / samples a request runs at once")
     p.add_argument("--level-s", type=float, default=40.0, help="seconds per closed-loop level")
@@ -633,7 +648,8 @@ async def _main(args: argparse.Namespace, argv: list[str]) -> int:
            "n_prompts": len(prompts), "lengths": lengths, "seed": args.seed,
            "settings": [s.name for s in settings], "select": args.select,
            "samples_in_flight": args.samples_in_flight, "level_s": args.level_s,
-           "alone_requests": args.alone_requests, "work_dir": args.work_dir}
+           "alone_requests": args.alone_requests, "work_dir": args.work_dir,
+           "default_n": args.default_n}
     try:
         async with AsyncClient(url, api_key=args.api_key, timeout=1800,
                                retry=RetryPolicy(max_retries=8, backoff_s=0.5, max_wait_s=10),
@@ -644,11 +660,13 @@ async def _main(args: argparse.Namespace, argv: list[str]) -> int:
             # The server's default setting, as its /v1/bon reports it.
             probe = await client.bon("The movie", n=4, max_tokens=max(lengths), adaptive=True)
             assert probe.adaptive is not None
-            default = Setting("default", 16, probe.adaptive.wave_size, probe.adaptive.target,
+            default = Setting("default", args.default_n, probe.adaptive.wave_size,
+                              probe.adaptive.target,
                               tuple((probe.adaptive.prune or {}).get("at_tokens", [])),
                               (probe.adaptive.prune or {}).get("keep"))
             default_desc = {"wave": probe.adaptive.wave_size, "stop_at_reward":
                             probe.adaptive.target, "prune": probe.adaptive.prune}
+            settings = [default if s.name == "default" else s for s in settings]
             results = []
             for L in lengths:
                 results.append(await run_length(client, cfg, prompts, L, settings, default,

@@ -12,9 +12,10 @@ from pydantic_settings import NoDecode
 from server.protocol import AdaptiveFields, Prune
 from vbon.settings import CoreSettings
 
-# Chosen on the training prompts by `python -m clients.adaptive_bench --select` (docs/adaptive.md)
+# Chosen on the training prompts by `python -m clients.adaptive_bench --select` (docs/adaptive.md):
+# with n = 32, the fewest tokens within one SE of BoN-16's reward at 128 tokens.
 DEFAULT_ADAPTIVE = AdaptiveFields(
-    wave=4, stop_at_reward=0.9, prune=Prune(at_tokens=[32], keep=0.5)
+    wave=2, stop_at_reward=0.86, prune=Prune(at_tokens=[48], keep=0.5)
 )
 
 
@@ -63,7 +64,7 @@ class ServerSettings(CoreSettings):
         DEFAULT_ADAPTIVE,
         description="Adaptive best-of-N setting used by 'adaptive': true and the "
         "'bon-<N>-adaptive' models, as JSON in the request's shape, e.g. "
-        '{"wave": 4, "stop_at_reward": 0.9, "prune": {"at_tokens": [32], "keep": 0.5}}. '
+        '{"wave": 2, "stop_at_reward": 0.86, "prune": {"at_tokens": [48], "keep": 0.5}}. '
         "The default target suits the embedded VADER reward (range -1..1): with another reward "
         "model give your own target, or a quantile with VBON_REWARD_REFERENCE.",
     )

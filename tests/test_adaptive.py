@@ -17,6 +17,7 @@ from server.backend import FakeBackend
 from server.errors import APIError
 from server.protocol import AdaptiveFields, BoNRequest, Prune
 from server.reward_reference import RewardReference
+from server.settings import DEFAULT_ADAPTIVE
 from tests.test_server_api import make_client
 from vbon.errors import ConfigError
 
@@ -181,19 +182,23 @@ def test_pruning_keeps_the_best_prefixes_and_returns_the_best_survivor(
 
 
 def test_adaptive_default_and_the_openai_models(client: TestClient) -> None:
-    r = client.post("/v1/bon", json={**BASE, "n": 8, "adaptive": True, "max_tokens": 40})
+    d = DEFAULT_ADAPTIVE
+    assert d.prune is not None
+    r = client.post("/v1/bon", json={**BASE, "n": 8, "adaptive": True,
+                                     "max_tokens": d.prune.at_tokens[-1] + 8})
     ad = r.json()["adaptive"]
-    assert ad["wave_size"] == 4 and ad["target"] == 0.9 and ad["prune"]["at_tokens"] == [32]
+    assert ad["wave_size"] == d.wave and ad["target"] == d.stop_at_reward
+    assert ad["prune"]["at_tokens"] == d.prune.at_tokens
     models = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
     assert models["bon-16-adaptive"]["kind"] == "bon-adaptive"
     assert models["bon-32-adaptive"]["n"] == 32
     r = client.post("/v1/completions",
-                    json={"model": "bon-16-adaptive", "prompt": "The film", "max_tokens": 40,
+                    json={"model": "bon-16-adaptive", "prompt": "The film", "max_tokens": 60,
                           "seed": 11})
     assert r.status_code == 200, r.text
     bon = r.json()["bon"]
     assert bon["n"] == 16 and bon["adaptive"]["samples"] <= 16 and "kl_bound" not in bon
-    direct = client.post("/v1/bon", json={"prompt": "The film", "max_tokens": 40, "seed": 11,
+    direct = client.post("/v1/bon", json={"prompt": "The film", "max_tokens": 60, "seed": 11,
                                           "n": 16, "adaptive": True}).json()
     assert r.json()["choices"][0]["text"] == direct["text"]
     assert r.json()["usage"] == direct["usage"]
