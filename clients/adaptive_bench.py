@@ -523,11 +523,18 @@ def plot(result: dict[str, Any], out: Path) -> list[str]:
         for r in b:
             ax.annotate(str(r["n"]), (r["tokens"], r["reward"]), fontsize=7,
                         textcoords="offset points", xytext=(3, -9))
-        pts = res.get("live") if live else res["replay"]
-        for i, r in enumerate(pts or []):
-            ax.errorbar([r["tokens"]], [r["reward"]], yerr=[r["reward_se"]], marker="s",
-                        ls="none", color=f"C{(i % 8) + 1}", capsize=2,
-                        label=r["setting"] if live or i < 8 else None)
+        if live:
+            for i, r in enumerate(res.get("live") or []):
+                ax.errorbar([r["tokens"]], [r["reward"]], yerr=[r["reward_se"]], marker="s",
+                            ls="none", color=f"C{(i % 8) + 1}", capsize=2, label=r["setting"])
+        else:  # the replayed grid in grey, the default in red
+            grid_pts = [r for r in res["replay"] if r["setting"] != "default"]
+            ax.scatter([r["tokens"] for r in grid_pts], [r["reward"] for r in grid_pts],
+                       s=12, color="0.6", label="replayed settings")
+            for r in res["replay"]:
+                if r["setting"] == "default":
+                    ax.errorbar([r["tokens"]], [r["reward"]], yerr=[r["reward_se"]],
+                                marker="s", color="C3", capsize=2, label="default")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("generated tokens per answer")
         ax.set_ylabel("mean reward ± SE")

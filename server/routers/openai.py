@@ -195,6 +195,12 @@ async def _choices(
 def _stream(
     gateway: Gateway, req: _OpenAIBase, prompt: str, target: Target, chat: bool
 ) -> StreamingResponse:
+    if target.kind == "bon":  # (the answer is known only once every candidate is scored)
+        raise APIError(
+            400,
+            f"stream is not supported with the best-of model '{req.model}': drop stream",
+            param="stream",
+        )
     sampling = req.sampling()
     gateway.check_limits(prompt, sampling, 1)
     rid = new_id("chatcmpl" if chat else "cmpl")
