@@ -201,6 +201,10 @@ def replay(cands: list[Cand], s: Setting, default: Setting) -> tuple[float, int]
     return best[0], tokens
 
 
+def fits(s: Setting, length: int) -> bool:
+    return s.name == "default" or all(c < length for c in s.at_tokens)
+
+
 # -- gateway phases --------------------------------------------------------------------------
 async def draw_candidates(
     client: AsyncClient, messages: list[list[dict[str, str]]], length: int, seed: int,
@@ -350,9 +354,11 @@ async def run_length(
         log(f"{length} tokens: drawing 32 candidates for {len(prompts)} prompts")
         raw = await draw_candidates(client, messages, length, seed, 4, tick)
         write_json_atomic(cache, raw)
+    # A request's checkpoints must lie below max_tokens (the gateway refuses others), so such
+    # settings are left out at this length; the server's default drops what does not fit.
+    settings = [s for s in settings if fits(s, length)]
     candidates = [*grid(), default] if cfg["select"] else settings
-    # A setting whose checkpoints reach max_tokens is refused by the gateway: left out here too.
-    candidates = [s for s in candidates if all(c < length for c in s.at_tokens)]
+    candidates = [s for s in candidates if fits(s, length)]
     cps = tuple(sorted({c for c in CHECKPOINTS.get(length, (8, 16, 32)) if c < length}
                        | {c for s in [*candidates, default] for c in s.at_tokens if c < length}))
     cands = prefix_rewards(raw, [m[0]["content"] for m in messages], cps, tokenizer, reward)
@@ -674,19 +680,21 @@ async def _main(args: argparse.Namespace, argv: list[str]) -> int:
             default_desc = {"wave": probe.adaptive.wave_size, "stop_at_reward":
                             probe.adaptive.target, "prune": probe.adaptive.prune}
             settings = [default if s.name == "default" else s for s in settings]
-            results = []
+            results: list[dict[str, Any]] = []
             for L in lengths:
                 results.append(await run_length(client, cfg, prompts, L, settings, default,
                                                 tokenizer, reward, log))
+                # Written after each length, so a failure later keeps what was measured.
+                result = {"command": " ".join(["python -m clients.adaptive_bench", *argv]),
+                          "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                          "duration_s": time.perf_counter() - t0, "config": cfg,
+                          "machine": machine_stamp(), "server_default": default_desc,
+                          "lengths": results}
+                write_report(out, "selection" if args.select else "adaptive", result,
+                             render_markdown, plot)
     finally:
         if server is not None:
             server.stop()
-    stem = "selection" if args.select else "adaptive"
-    result = {"command": " ".join(["python -m clients.adaptive_bench", *argv]),
-              "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-              "duration_s": time.perf_counter() - t0, "config": cfg,
-              "machine": machine_stamp(), "server_default": default_desc, "lengths": results}
-    write_report(out, stem, result, render_markdown, plot)
     return 0
 
 
