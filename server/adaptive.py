@@ -14,8 +14,9 @@ can be judged and stopped; a wave without checkpoints is one engine request with
   call; if the best reaches the target, the request ends there, else the next wave starts.
 
 Every decision depends only on the samples (which prefixes reach which length, their rewards),
-never on timing, so a seeded request replays exactly. Each candidate holds one unit of the
-admission budget from its start to its end, so pruning and early exit give it back at once.
+never on timing (which candidate finished first), so a seeded request replays its decisions.
+Each candidate holds one unit of the admission budget from its start to its end, so pruning and
+early exit give it back at once.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ from server.protocol import AdaptiveFields, Prune
 from vbon.sampling import Sampling
 
 Scorer = Callable[[str, list[str]], Awaitable[list[float]]]
-ADAPTIVE_FIELDS = ("wave", "stop_at_reward", "stop_at_quantile", "prune")
 
 
 @dataclass(frozen=True)
