@@ -514,6 +514,7 @@ def plot(result: dict[str, Any], out: Path) -> list[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     lengths = result["lengths"]
     live = not result["config"]["select"]
@@ -550,15 +551,18 @@ def plot(result: dict[str, Any], out: Path) -> list[str]:
         if live:
             ax = row[1]
             sp = {s["method"]: s for s in res["speed"]}
-            for i, r in enumerate(b + res["live"]):
-                name = r.get("method") or r["setting"]
-                s = sp[name]["saturation"]
-                ax.scatter([s["answers_per_s"]], [r["reward"]],
-                           marker="o" if name.startswith("BoN") else "s",
-                           color="C0" if name.startswith("BoN") else f"C{(i % 8) + 1}")
-                ax.annotate(name, (s["answers_per_s"], r["reward"]), fontsize=7,
-                            textcoords="offset points", xytext=(3, 3))
+            xs = [sp[r["method"]]["saturation"]["answers_per_s"] for r in b]
+            ax.plot(xs, [r["reward"] for r in b], marker="o", color="C0", label="BoN-N")
+            for r, x in zip(b, xs, strict=True):
+                ax.annotate(str(r["n"]), (x, r["reward"]), fontsize=7,
+                            textcoords="offset points", xytext=(3, -9))
+            for i, r in enumerate(res["live"]):  # same colours as the left panel
+                x = sp[r["setting"]]["saturation"]["answers_per_s"]
+                ax.scatter([x], [r["reward"]], marker="s", color=f"C{(i % 8) + 1}",
+                           label=r["setting"], zorder=3)
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            ax.legend(fontsize=7)
             ax.set_xlabel("answers/s at saturation")
             ax.set_ylabel("mean reward")
             ax.set_title(f"{L} tokens: reward vs throughput")
