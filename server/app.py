@@ -119,7 +119,14 @@ def create_app(
     install_error_handlers(app, {k: v for k, (v, _) in settings.request_caps().items()})
     for r in (health.router, bon.router, vbon.router, openai.router, admin.router):
         app.include_router(r)
-    # Outermost last: metrics see every response, auth runs before any body is read.
+    # Outermost last: metrics see every response, auth runs before any body is read, and CORS
+    # sits outside auth (a browser's preflight carries no key; a 401 needs CORS headers too).
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        AuthMiddleware,
+        api_key=settings.api_key.get_secret_value() if settings.api_key else None,
+        admin_key=settings.admin_key.get_secret_value() if settings.admin_key else None,
+    )
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -127,12 +134,6 @@ def create_app(
             allow_methods=["GET", "POST"],
             allow_headers=["*"],
         )
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
-    app.add_middleware(
-        AuthMiddleware,
-        api_key=settings.api_key.get_secret_value() if settings.api_key else None,
-        admin_key=settings.admin_key.get_secret_value() if settings.admin_key else None,
-    )
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app
 

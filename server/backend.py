@@ -66,6 +66,7 @@ class GenerationBackend(Protocol):
     async def shutdown(self) -> None: ...
     def ready(self) -> bool: ...
     def error(self) -> str | None: ...
+    def fatal(self) -> str | None: ...  # broken for good: only a restart helps (liveness)
     def count_tokens(self, text: str) -> int: ...
     def render_chat(self, messages: list[dict[str, str]]) -> str: ...
     def decode(self, token_ids: list[int]) -> str: ...
@@ -110,6 +111,11 @@ class VLLMBackend:
             return "engine not started"
         if self._engine.errored:
             return "engine died; restart the server"
+        return None
+
+    def fatal(self) -> str | None:
+        if self._engine is not None and self._engine.errored:
+            return "the engine has died; the server must be restarted"
         return None
 
     def _engine_or_raise(self) -> Any:
@@ -242,6 +248,9 @@ class FakeBackend:
 
     def error(self) -> str | None:
         return None if self.ready() else "engine not started" if not self.started else "dead"
+
+    def fatal(self) -> str | None:
+        return "the engine has died" if self.dead else None
 
     def count_tokens(self, text: str) -> int:
         return len(text.split())

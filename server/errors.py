@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -224,9 +224,22 @@ def _describe_validation(
     return "; ".join(parts) or "invalid request", first_param
 
 
+class ClientDisconnected(Exception):
+    """The client went away before its answer; its engine work was aborted."""
+
+
+# nginx's "client closed request": neither a server fault (5xx) nor a client error to answer.
+CLIENT_CLOSED = 499
+
+
 def install_error_handlers(app: FastAPI, upper_limits: dict[str, int] | None = None) -> None:
     """`upper_limits`: the server's own caps on request fields (n, max_tokens), named in the
     400s as the top of the allowed range."""
+
+    @app.exception_handler(ClientDisconnected)
+    async def _gone(_: Request, __: ClientDisconnected) -> Response:
+        # Nobody reads this answer; it records the outcome (metrics) without a traceback.
+        return Response(status_code=CLIENT_CLOSED)
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
         return error_response(exc)

@@ -278,6 +278,11 @@ class RemoteBackend:
 
         return render_chat(self._tok(), messages)
 
+    def fatal(self) -> str | None:
+        # Upstreams come back by themselves (the health loop follows them); restarting the
+        # gateway would not help, so liveness stays up.
+        return None
+
     def decode(self, token_ids: list[int]) -> str:
         # (Adaptive best-of-N, the only user, is refused in remote mode: the upstream streams
         # carry no token ids. Kept for the interface.)

@@ -3,6 +3,7 @@ against the real engine in tests/test_server_engine.py."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 from pathlib import Path
@@ -199,7 +200,60 @@ def test_engine_not_ready_or_dead_is_503(tmp_path: Path) -> None:
         r = c.post("/v1/bon", json={"prompt": "a"})
         assert r.status_code == 503 and "Retry-After" in r.headers
         assert c.get("/ready").status_code == 503
-        assert c.get("/health").status_code == 200
+        # A dead engine fails liveness too, so an orchestrator restarts the process.
+        health = c.get("/health")
+        assert health.status_code == 503 and "died" in health.json()["reason"]
+
+
+def test_engine_loading_is_alive(tmp_path: Path) -> None:
+    fake = FakeBackend()
+    with make_client(tmp_path, fake) as c:
+        fake.started = False  # loading (or restarting): not ready, but alive
+        assert c.get("/ready").status_code == 503 and c.get("/health").status_code == 200
+
+
+def test_a_client_that_leaves_is_counted_as_499_not_500(tmp_path: Path) -> None:
+    fake = FakeBackend(delay_s=5.0)
+    with make_client(tmp_path, fake) as c:
+        app = c.app
+        body = json.dumps({"prompt": "a", "n": 2}).encode()
+        sent: list[dict] = []
+
+        async def go() -> None:
+            messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+            async def receive() -> dict:
+                if messages:
+                    return messages.pop()
+                await asyncio.sleep(0.2)  # then the client goes away
+                return {"type": "http.disconnect"}
+
+            async def send(msg: dict) -> None:
+                sent.append(msg)
+
+            scope = {"type": "http", "method": "POST", "path": "/v1/bon", "raw_path": b"/v1/bon",
+                     "query_string": b"", "headers": [(b"content-type", b"application/json")],
+                     "http_version": "1.1", "scheme": "http", "server": ("t", 80),
+                     "client": ("c", 1), "root_path": "", "app": app}
+            await app(scope, receive, send)
+
+        c.portal.call(go)  # type: ignore[attr-defined]
+        assert sent[0]["status"] == 499 and fake.running == set()
+        metrics = c.get("/metrics").text
+        assert 'vbon_requests_total{route="/v1/bon",status="499"} 1.0' in metrics
+        assert 'status="500"' not in metrics and "vbon_client_disconnects_total 1.0" in metrics
+
+
+def test_cors_preflight_is_answered_without_the_key(tmp_path: Path) -> None:
+    with make_client(tmp_path, api_key="k", cors_origins=["https://app.example"]) as c:
+        pre = c.options("/v1/bon", headers={"Origin": "https://app.example",
+                                            "Access-Control-Request-Method": "POST",
+                                            "Access-Control-Request-Headers": "authorization"})
+        assert pre.status_code == 200
+        assert pre.headers["access-control-allow-origin"] == "https://app.example"
+        no_key = c.post("/v1/bon", json={"prompt": "a"}, headers={"Origin": "https://app.example"})
+        assert no_key.status_code == 401  # the key is still required, with CORS headers
+        assert no_key.headers["access-control-allow-origin"] == "https://app.example"
 
 
 def test_reward_failure_is_a_clear_500(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from typing import TypeVar
 
 from fastapi import Request
 
-from server.errors import APIError, error_body
+from server.errors import APIError, ClientDisconnected, error_body
 from server.serving import Gateway
 
 T = TypeVar("T")
@@ -38,10 +38,6 @@ def sse_error(exc: APIError) -> str:
     """An error after the stream started (the status line is gone): the error shape as an
     event, followed by the usual [DONE]."""
     return sse(error_body(exc.status, exc.message, exc.param, exc.code))
-
-
-class ClientDisconnected(Exception):
-    pass
 
 
 async def until_disconnect(request: Request) -> None:

@@ -11,11 +11,14 @@ from server.errors import error_responses
 router = APIRouter(tags=["health"])
 
 
-@router.get("/health", responses={503: {"description": "Start-up failed for good"}})
+@router.get("/health", responses={503: {"description": "Start-up failed or the engine died"}})
 async def health(request: Request) -> JSONResponse:
     """Liveness (no auth): 200 while the process works, also while the engine loads; 503 if
-    start-up failed for good, so that an orchestrator restarts it."""
+    start-up failed or the local engine died, so that an orchestrator restarts it."""
     error = request.app.state.startup_error
+    gateway = getattr(request.app.state, "gateway", None)
+    if not error and gateway is not None:
+        error = gateway.backend.fatal()
     if error:
         return JSONResponse({"status": "failed", "reason": error}, status_code=503)
     return JSONResponse({"status": "ok"})

@@ -106,9 +106,9 @@ def test_engine_death_mid_request_gives_503_and_fails_ready(tmp_path: Path, figu
         assert r.status_code == 503
         ready = httpx.get(url + "/ready", timeout=30)
         assert ready.status_code == 503 and ready.json()["engine"]["ok"] is False
-        assert httpx.get(url + "/health", timeout=30).status_code == 200
+        assert httpx.get(url + "/health", timeout=30).status_code == 503  # restart me
     figures.add("engine dies mid-request (fake)", faults=1, survived=1,
-                note="in-flight and new requests 503, /ready 503")  # fmt: skip
+                note="in-flight and new requests 503, /ready and /health 503")  # fmt: skip
 
 
 def _corrupt(folder: Path, how: str) -> None:
