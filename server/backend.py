@@ -23,6 +23,19 @@ class EngineUnavailable(Exception):
     """The engine is not started, has died, or cannot take requests (-> 503)."""
 
 
+class InvalidRequest(Exception):
+    """The engine refused the request's parameters (-> 400 naming `param`): a check our request
+    models missed must still be the client's 400, never a 500."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def _refused(exc: Exception) -> InvalidRequest:
+    return InvalidRequest(str(exc), getattr(exc, "parameter", None))
+
+
 @dataclass(frozen=True)
 class LoraRef:
     """A LoRA adapter version: a new version always gets a new id, so weights are never
@@ -147,14 +160,20 @@ class VLLMBackend:
     async def generate(
         self, prompt: str, sampling: Sampling, n: int, request_id: str, lora: LoraRef | None = None
     ) -> Generation:
+        from vllm.exceptions import VLLMClientError
         from vllm.sampling_params import RequestOutputKind
         from vllm.v1.engine.exceptions import EngineDeadError
 
         from vbon.sampling import vllm_params
 
         engine = self._engine_or_raise()
-        # logprobs=0: only the sampled tokens' log-probabilities, for cumulative_logprob.
-        params = vllm_params(sampling, n=n, logprobs=0, output_kind=RequestOutputKind.FINAL_ONLY)
+        try:
+            # logprobs=0: only the sampled tokens' log-probabilities, for cumulative_logprob.
+            params = vllm_params(
+                sampling, n=n, logprobs=0, output_kind=RequestOutputKind.FINAL_ONLY
+            )
+        except (VLLMClientError, ValueError) as exc:
+            raise _refused(exc) from exc
         final = None
         self._running.add(request_id)
         try:
@@ -165,6 +184,8 @@ class VLLMBackend:
                 final = out
         except EngineDeadError as exc:
             raise EngineUnavailable("the engine has died; the server must be restarted") from exc
+        except VLLMClientError as exc:
+            raise _refused(exc) from exc
         finally:
             self._running.discard(request_id)
         if final is None:  # pragma: no cover - vLLM always yields a final output
@@ -183,13 +204,17 @@ class VLLMBackend:
     async def stream(
         self, prompt: str, sampling: Sampling, request_id: str, lora: LoraRef | None = None
     ) -> AsyncIterator[Delta]:
+        from vllm.exceptions import VLLMClientError
         from vllm.sampling_params import RequestOutputKind
         from vllm.v1.engine.exceptions import EngineDeadError
 
         from vbon.sampling import vllm_params
 
         engine = self._engine_or_raise()
-        params = vllm_params(sampling, n=1, output_kind=RequestOutputKind.DELTA)
+        try:
+            params = vllm_params(sampling, n=1, output_kind=RequestOutputKind.DELTA)
+        except (VLLMClientError, ValueError) as exc:
+            raise _refused(exc) from exc
         self._running.add(request_id)
         # aclosing: when our consumer closes this stream (an adaptive request pruning a
         # candidate), vLLM's generator is closed at once, and it aborts the request in the
@@ -208,6 +233,8 @@ class VLLMBackend:
                     )
         except EngineDeadError as exc:
             raise EngineUnavailable("the engine has died; the server must be restarted") from exc
+        except VLLMClientError as exc:
+            raise _refused(exc) from exc
         finally:
             self._running.discard(request_id)
 

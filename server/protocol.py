@@ -48,7 +48,8 @@ class PromptFields(BaseModel):
     prompt: Text | None = Field(None, description="Raw text to continue.")
     messages: list[ChatMessage] | None = Field(None, description="A chat to answer.")
     max_tokens: int = Field(DEFAULT_MAX_TOKENS, ge=1, description="Tokens per sample.")
-    temperature: float = Field(DEFAULT_TEMPERATURE, ge=0.0, le=10.0, allow_inf_nan=False)
+    # vLLM refuses temperatures above 2; the bound here must be the engine's.
+    temperature: float = Field(DEFAULT_TEMPERATURE, ge=0.0, le=2.0, allow_inf_nan=False)
     top_p: float = Field(DEFAULT_TOP_P, gt=0.0, le=1.0, allow_inf_nan=False)
     top_k: int = Field(DEFAULT_TOP_K, ge=0, description="0 disables top-k.")
     seed: int | None = Field(

@@ -17,7 +17,13 @@ from typing import Any
 from server.adapter_registry import AdapterRegistry, AdapterVersion
 from server.adaptive import AdaptiveRun, Outcome, Plan, resolve_plan
 from server.admission import SampleBudget
-from server.backend import EngineUnavailable, Generation, GenerationBackend, LoraRef
+from server.backend import (
+    EngineUnavailable,
+    Generation,
+    GenerationBackend,
+    InvalidRequest,
+    LoraRef,
+)
 from server.bon_log import BoNLog
 from server.errors import APIError
 from server.metrics import Metrics
@@ -157,6 +163,10 @@ class Gateway:
             ) from None
         except EngineUnavailable as exc:
             raise APIError(503, str(exc), headers={"Retry-After": "5"}) from exc
+        except InvalidRequest as exc:
+            raise APIError(
+                400, f"the engine refused the request: {exc}", param=exc.param
+            ) from exc
         except UpstreamError as exc:  # remote mode: 502 / 504 naming the upstream
             raise APIError(exc.status_code, str(exc), code="upstream_error") from exc
 

@@ -107,7 +107,8 @@ BAD_BON = [
     ({"prompt": "a", "n": 17}, "'n' is 17; allowed: 1 <= n <= 16"),
     ({"prompt": "a", "max_tokens": 0}, "'max_tokens' is 0; allowed: 1 <= max_tokens <= 64"),
     ({"prompt": "a", "max_tokens": 65}, "'max_tokens' is 65; allowed: 1 <= max_tokens <= 64"),
-    ({"prompt": "a", "temperature": -1}, "allowed: 0.0 <= temperature <= 10.0"),
+    ({"prompt": "a", "temperature": -1}, "allowed: 0.0 <= temperature <= 2.0"),
+    ({"prompt": "a", "temperature": 2.5}, "allowed: 0.0 <= temperature <= 2.0"),
     ({"prompt": "a", "top_p": 0}, "'top_p' is 0; allowed: 0.0 < top_p <= 1.0"),
     ({"prompt": "a", "seed": -1}, "allowed: 0 <= seed <= 2147483647"),
     ({"prompt": "a", "n": "x"}, "'n' must be an integer (got 'x'); allowed: 1 <= n <= 16"),
@@ -583,3 +584,17 @@ def test_failed_startup_is_reported(tmp_path: Path) -> None:
         r = c.get("/ready")
         assert r.status_code == 503 and "unknown reward backend" in r.json()["reason"]
         assert c.get("/health").status_code == 503
+
+
+def test_a_parameter_the_engine_refuses_is_a_400_naming_it(tmp_path: Path) -> None:
+    from server.backend import InvalidRequest
+
+    class Strict(FakeBackend):
+        async def generate(self, prompt, sampling, n, request_id, lora=None):
+            raise InvalidRequest("top_k must be 0 (disable), or at least 1", "top_k")
+
+    with make_client(tmp_path, Strict()) as c:
+        r = c.post("/v1/bon", json={"prompt": "a", "top_k": 5})
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["param"] == "top_k" and "engine refused" in err["message"]
