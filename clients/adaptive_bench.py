@@ -37,9 +37,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from clients.bench import percentile
 from clients.client import AsyncClient, RetryPolicy
 from clients.errors import VBoNClientError
 from vbon.adapters import write_json_atomic
+from vbon.bon import mid_rank
 from vbon.report import machine_line, machine_stamp, write_report
 from vbon.table import markdown_table
 
@@ -131,18 +133,11 @@ def mean_se(xs: list[float]) -> tuple[float, float]:
 
 
 def spearman(a: list[float], b: list[float]) -> float | None:
+    # Mid-ranks for ties, the convention of F-hat (vbon.bon.mid_rank; its constant offset of
+    # 1/2 does not change a correlation).
     def ranks(v: list[float]) -> list[float]:
-        order = sorted(range(len(v)), key=lambda i: v[i])
-        r = [0.0] * len(v)
-        i = 0
-        while i < len(order):
-            j = i
-            while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]:
-                j += 1
-            for k in range(i, j + 1):
-                r[order[k]] = (i + j) / 2
-            i = j + 1
-        return r
+        s = sorted(v)
+        return [mid_rank(s, x) for x in v]
 
     ra, rb = ranks(a), ranks(b)
     ma, mb = statistics.fmean(ra), statistics.fmean(rb)
@@ -151,15 +146,6 @@ def spearman(a: list[float], b: list[float]) -> float | None:
     if va == 0 or vb == 0:
         return None
     return sum((x - ma) * (y - mb) for x, y in zip(ra, rb, strict=True)) / math.sqrt(va * vb)
-
-
-def percentile(xs: list[float], q: float) -> float | None:
-    if not xs:
-        return None
-    s = sorted(xs)
-    k = (len(s) - 1) * q
-    lo, hi = math.floor(k), math.ceil(k)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
 # -- replay ----------------------------------------------------------------------------------
@@ -269,7 +255,7 @@ async def closed_loop(
     wall = max(last - t0, 1e-9)
     return {"concurrency": concurrency, "answers": len(lat), "wall_s": wall,
             "answers_per_s": len(lat) / wall, "gen_tokens_per_s": tokens / wall,
-            "latency_p50_s": percentile(lat, 0.5), "latency_p95_s": percentile(lat, 0.95)}
+            "latency_p50_s": percentile(lat, 50), "latency_p95_s": percentile(lat, 95)}
 
 
 # -- one length ------------------------------------------------------------------------------

@@ -198,6 +198,10 @@ class Outcome:
         return [c.index for c in sorted(self.candidates, key=key)]
 
     @property
+    def best(self) -> Candidate:
+        return self.candidates[self.order[0]]
+
+    @property
     def completion_tokens(self) -> int:
         return sum(c.tokens for c in self.candidates)
 
@@ -226,7 +230,9 @@ class AdaptiveRun:
         self._changed = asyncio.Event()
         self.scoring_s = 0.0
 
-    async def run(self, prompt: str, sampling: Sampling, plan: Plan) -> Outcome:
+    async def run(
+        self, prompt: str, prompt_tokens: int, sampling: Sampling, plan: Plan
+    ) -> Outcome:
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         everyone: list[Candidate] = []
@@ -258,7 +264,6 @@ class AdaptiveRun:
             if plan.target is not None and any(r >= plan.target for r in rewards):
                 stop = "target_reached"
                 break
-        prompt_tokens = self.backend.count_tokens(prompt)
         total = loop.time() - t0
         return Outcome(everyone, prompt_tokens, stop, waves, total - self.scoring_s,
                        self.scoring_s)

@@ -252,8 +252,9 @@ class Gateway:
         )
 
     async def adaptive_best_of(
-        self, prompt: str, sampling: Sampling, plan: Plan, route: str
+        self, prompt: str, prompt_tokens: int, sampling: Sampling, plan: Plan, route: str
     ) -> Outcome:
+        """`prompt_tokens`: as check_limits counted them (not tokenized again here)."""
         run = AdaptiveRun(
             self.backend,
             self.budget,
@@ -262,7 +263,7 @@ class Gateway:
             new_id("abon"),
         )
         async with self._engine_errors():
-            out = await run.run(prompt, sampling, plan)
+            out = await run.run(prompt, prompt_tokens, sampling, plan)
         m = self.metrics
         m.samples.labels(route).inc(len(out.candidates))
         m.tokens.labels(route, "prompt").inc(out.prompt_tokens)
@@ -270,8 +271,7 @@ class Gateway:
         m.adaptive_candidates.labels("pruned").inc(out.pruned)
         m.adaptive_candidates.labels("finished").inc(len(out.candidates) - out.pruned)
         m.adaptive_stops.labels(out.stop_reason).inc()
-        best = out.candidates[out.order[0]]
-        m.reward.labels(route).observe(best.reward or 0.0)
+        m.reward.labels(route).observe(out.best.reward or 0.0)
         return out
 
     def adaptive_info(self, plan: Plan, out: Outcome) -> AdaptiveInfo:
@@ -288,7 +288,7 @@ class Gateway:
     def _adaptive_response(
         self, req: BoNRequest, plan: Plan, out: Outcome, t0: float
     ) -> BoNResponse:
-        best = out.candidates[out.order[0]]
+        best = out.best
         candidates = None
         if req.return_candidates:
             candidates = [
@@ -331,10 +331,10 @@ class Gateway:
         t0 = time.perf_counter()
         prompt = self.render(req)
         sampling = req.sampling()
-        self.check_limits(prompt, sampling, req.n)
+        prompt_tokens = self.check_limits(prompt, sampling, req.n)
         plan = self.adaptive_plan(req, req.n, sampling, req.adaptive)
         if plan is not None:
-            out = await self.adaptive_best_of(prompt, sampling, plan, "/v1/bon")
+            out = await self.adaptive_best_of(prompt, prompt_tokens, sampling, plan, "/v1/bon")
             return self._adaptive_response(req, plan, out, t0)
         scored = await self.best_of(prompt, sampling, req.n, "/v1/bon")
         gen, best = scored.generation, scored.best

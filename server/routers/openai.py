@@ -159,13 +159,13 @@ async def _choices(
     """(choices as text/finish_reason/reward, prompt tokens, completion tokens, best-of info)
     for one prompt."""
     sampling = req.sampling()
-    gateway.check_limits(prompt, sampling, target.n)
+    prompt_tokens = gateway.check_limits(prompt, sampling, target.n)
     lora = target.adapter.ref if target.adapter else None
     if target.adaptive:
         plan = gateway.adaptive_plan(AdaptiveFields(), target.n, sampling, use_default=True)
         assert plan is not None
-        out = await gateway.adaptive_best_of(prompt, sampling, plan, route)
-        best = out.candidates[out.order[0]]
+        out = await gateway.adaptive_best_of(prompt, prompt_tokens, sampling, plan, route)
+        best = out.best
         choices = [
             {"text": best.text, "finish_reason": best.finish_reason, "reward": best.reward}
         ]
