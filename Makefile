@@ -37,10 +37,12 @@ test: model lint
 test-fast: install
 	$(PY) -m pytest -q -m "not engine and not reliability" $(PYTEST_ARGS)
 
-# Fuzz (300 examples per route), load above capacity with RSS, faults (serving and trainer);
-# prints the summary table, also in runs/reliability/summary.md. About 5 minutes here.
+# Fuzz (300 examples per route on the fake engine, 300 requests on the real one), load above
+# capacity with RSS, faults (serving and trainer); prints the summary table, also in
+# runs/reliability/summary.md. About 7 minutes here.
 reliability: model
-	VBON_FUZZ_EXAMPLES=$${VBON_FUZZ_EXAMPLES:-300} $(PY) -m pytest -q -m "" tests/reliability \
+	VBON_FUZZ_EXAMPLES=$${VBON_FUZZ_EXAMPLES:-300} VBON_FUZZ_ENGINE_EXAMPLES=$${VBON_FUZZ_ENGINE_EXAMPLES:-300} \
+		$(PY) -m pytest -q -m "" tests/reliability tests/test_fuzz_engine.py \
 		tests/test_trainer_job.py::test_kill_and_resume $(PYTEST_ARGS)
 
 train: model

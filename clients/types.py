@@ -72,7 +72,6 @@ class AdapterInfo(_Model):
     n: int | None = None
     beta: float | None = None
     base_model: str
-    path: str | None = None
 
 
 class VBoNResult(_Model):

@@ -139,7 +139,9 @@ class VLLMBackend:
         return self._engine
 
     def count_tokens(self, text: str) -> int:
-        return len(self._tokenizer.encode(text, add_special_tokens=False))
+        # As the engine tokenizes a text prompt: with the tokenizer's special tokens (a BOS
+        # for Llama-style tokenizers), so the context check matches what the engine sees.
+        return len(self._tokenizer.encode(text, add_special_tokens=True))
 
     def render_chat(self, messages: list[dict[str, str]]) -> str:
         from vbon.prompts import render_chat

@@ -248,8 +248,7 @@ class AdapterInfo(BaseModel):
     method: str
     n: int | None
     beta: float | None
-    base_model: str
-    path: str
+    base_model: str  # (no `path`: responses never show the server's file system)
 
 
 class VBoNResponse(BaseModel):

@@ -12,12 +12,12 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from server.adapter_registry import AdapterRegistry, AdapterVersion
 from server.adaptive import AdaptiveRun, Outcome, Plan, resolve_plan
 from server.admission import SampleBudget
 from server.backend import (
+    Delta,
     EngineUnavailable,
     Generation,
     GenerationBackend,
@@ -25,6 +25,7 @@ from server.backend import (
     LoraRef,
 )
 from server.bon_log import BoNLog
+from server.deadline import Deadline
 from server.errors import APIError
 from server.metrics import Metrics
 from server.protocol import (
@@ -116,6 +117,13 @@ class Gateway:
                     f"'{field}' is {value}; allowed: 1 <= {field} <= {limit} ({setting})",
                     param=field,
                 )
+        if n > 1 and sampling.temperature == 0:  # (vLLM refuses it too)
+            raise APIError(
+                400,
+                f"temperature 0 is greedy decoding: its {n} samples would all be the same "
+                "text, so best-of-N needs temperature > 0 (or n = 1)",
+                param="temperature",
+            )
         prompt_tokens = self.backend.count_tokens(prompt_text)
         if prompt_tokens > s.max_prompt_tokens:
             raise APIError(
@@ -149,18 +157,16 @@ class Gateway:
             ) from exc
 
     # -- engine calls ---------------------------------------------------------------------
+    def deadline(self) -> Deadline:
+        """One time limit for a whole request: every generation and every scoring in it,
+        however many prompts it holds."""
+        return Deadline.start(self.settings.request_timeout_s)
+
     @contextlib.asynccontextmanager
     async def _engine_errors(self) -> AsyncIterator[None]:
-        """The per-request timeout and the engine's errors as API errors."""
+        """The engine's errors as API errors."""
         try:
-            async with asyncio.timeout(self.settings.request_timeout_s):
-                yield
-        except TimeoutError:
-            raise APIError(
-                504,
-                f"generation took longer than {self.settings.request_timeout_s:g} s "
-                "(VBON_REQUEST_TIMEOUT_S): lower n or max_tokens, or retry",
-            ) from None
+            yield
         except EngineUnavailable as exc:
             raise APIError(503, str(exc), headers={"Retry-After": "5"}) from exc
         except InvalidRequest as exc:
@@ -172,8 +178,8 @@ class Gateway:
 
     @contextlib.asynccontextmanager
     async def _engine_call(self, samples: int) -> AsyncIterator[None]:
-        """Admission plus _engine_errors, for every whole call into the backend (generations
-        and streams alike)."""
+        """Admission plus _engine_errors around the work on `samples` samples: their
+        generation and their scoring, which costs as much CPU as serving more samples."""
         with self.budget.hold(samples):
             self.metrics.samples_in_flight.set(self.budget.in_flight)
             try:
@@ -182,15 +188,21 @@ class Gateway:
             finally:
                 self.metrics.samples_in_flight.set(self.budget.in_flight - samples)
 
-    async def generate(
-        self, prompt: str, sampling: Sampling, n: int, route: str, lora: LoraRef | None = None
+    async def _generate(
+        self, prompt: str, sampling: Sampling, n: int, route: str, lora: LoraRef | None
     ) -> Generation:
-        async with self._engine_call(n):
-            gen = await self.backend.generate(prompt, sampling, n, new_id("gen"), lora)
+        """One engine generation (the caller holds admission)."""
+        gen = await self.backend.generate(prompt, sampling, n, new_id("gen"), lora)
         self.metrics.samples.labels(route).inc(len(gen.samples))
         self.metrics.tokens.labels(route, "prompt").inc(gen.prompt_tokens)
         self.metrics.tokens.labels(route, "completion").inc(sum(s.tokens for s in gen.samples))
         return gen
+
+    async def generate(
+        self, prompt: str, sampling: Sampling, n: int, route: str, lora: LoraRef | None = None
+    ) -> Generation:
+        async with self._engine_call(n):
+            return await self._generate(prompt, sampling, n, route, lora)
 
     async def score(self, prompt: str, completions: list[str]) -> list[float]:
         try:
@@ -198,10 +210,12 @@ class Gateway:
                 self.reward.score, [prompt] * len(completions), completions
             )
         except Exception as exc:
-            logger.exception("reward model failed")
+            # The exception's text stays in the log: it can hold paths and model internals.
+            ref = new_id("err")
+            logger.exception("reward model failed [%s]", ref)
             raise APIError(
                 500,
-                f"the reward model failed ({type(exc).__name__}: {exc})",
+                f"the reward model failed; the server log has the details under {ref}",
                 code="reward_model_error",
             ) from exc
         if len(rewards) != len(completions):
@@ -221,11 +235,12 @@ class Gateway:
     async def best_of(
         self, prompt: str, sampling: Sampling, n: int, route: str, lora: LoraRef | None = None
     ) -> Scored:
-        t0 = time.perf_counter()
-        gen = await self.generate(prompt, sampling, n, route, lora)
-        t1 = time.perf_counter()
-        rewards = await self.score(prompt, [s.text for s in gen.samples])
-        t2 = time.perf_counter()
+        async with self._engine_call(n):
+            t0 = time.perf_counter()
+            gen = await self._generate(prompt, sampling, n, route, lora)
+            t1 = time.perf_counter()
+            rewards = await self.score(prompt, [s.text for s in gen.samples])
+            t2 = time.perf_counter()
         # Highest reward first; ties go to the lower index, so a seeded request is stable.
         order = sorted(range(len(rewards)), key=lambda i: (-rewards[i], i))
         self.metrics.reward.labels(route).observe(rewards[order[0]])
@@ -328,6 +343,10 @@ class Gateway:
 
     # -- routes' logic --------------------------------------------------------------------
     async def bon(self, req: BoNRequest) -> BoNResponse:
+        async with self.deadline().guard():
+            return await self._bon(req)
+
+    async def _bon(self, req: BoNRequest) -> BoNResponse:
         t0 = time.perf_counter()
         prompt = self.render(req)
         sampling = req.sampling()
@@ -383,23 +402,27 @@ class Gateway:
             n=m.n,
             beta=m.beta,
             base_model=m.base_model,
-            path=str(v.source),
         )
 
     async def vbon(self, req: VBoNRequest) -> VBoNResponse:
+        async with self.deadline().guard():
+            return await self._vbon(req)
+
+    async def _vbon(self, req: VBoNRequest) -> VBoNResponse:
         t0 = time.perf_counter()
         adapter = self.resolve_adapter(req.adapter, req.n)
         prompt = self.render(req)
         sampling = req.sampling()
         self.check_limits(prompt, sampling, 1)
-        gen = await self.generate(prompt, sampling, 1, "/v1/vbon", adapter.ref)
-        t1 = time.perf_counter()
-        sample = gen.samples[0]
-        reward = None
-        if req.score:
-            reward = (await self.score(prompt, [sample.text]))[0]
-            self.metrics.reward.labels("/v1/vbon").observe(reward)
-        t2 = time.perf_counter()
+        async with self._engine_call(1):
+            gen = await self._generate(prompt, sampling, 1, "/v1/vbon", adapter.ref)
+            t1 = time.perf_counter()
+            sample = gen.samples[0]
+            reward = None
+            if req.score:
+                reward = (await self.score(prompt, [sample.text]))[0]
+                self.metrics.reward.labels("/v1/vbon").observe(reward)
+            t2 = time.perf_counter()
         return VBoNResponse(
             id=new_id("vbon"),
             model=adapter.name,
@@ -413,14 +436,69 @@ class Gateway:
             timings=Timings(generation_s=t1 - t0, scoring_s=t2 - t1, total_s=t2 - t0),
         )
 
-    async def stream_sample(
+    def open_stream(
         self, prompt: str, sampling: Sampling, route: str, lora: LoraRef | None = None
-    ) -> AsyncIterator[Any]:
-        """Deltas of one sample; admission and timeout as for generate()."""
+    ) -> SampleStream:
+        """What every streaming route checks before its 200: the limits, and admission (a busy
+        server answers 429 + Retry-After, not an error event after a 200). The stream holds
+        its unit of the budget from here until it ends or is released."""
+        self.check_limits(prompt, sampling, 1)
+        self.budget.take(1)
+        self.metrics.samples_in_flight.set(self.budget.in_flight)
+        return SampleStream(self, prompt, sampling, route, lora, self.deadline())
+
+
+class SampleStream:
+    """One streamed sample, admitted by Gateway.open_stream. Pass `release` to the response as
+    its background task too: a response that never starts its body never runs the generator's
+    `finally`."""
+
+    def __init__(
+        self,
+        gateway: Gateway,
+        prompt: str,
+        sampling: Sampling,
+        route: str,
+        lora: LoraRef | None,
+        deadline: Deadline,
+    ) -> None:
+        self._gateway = gateway
+        self._prompt = prompt
+        self._sampling = sampling
+        self._route = route
+        self._lora = lora
+        self._deadline = deadline
+        self._held = True
+
+    async def deltas(self) -> AsyncIterator[Delta]:
+        """The sample's deltas, each engine step within the request's deadline."""
+        g = self._gateway
         tokens = 0
-        async with self._engine_call(1):
-            async for delta in self.backend.stream(prompt, sampling, new_id("stream"), lora):
-                tokens += delta.tokens
-                yield delta
-        self.metrics.samples.labels(route).inc()
-        self.metrics.tokens.labels(route, "completion").inc(tokens)
+        stream = g.backend.stream(self._prompt, self._sampling, new_id("stream"), self._lora)
+        try:
+            # aclosing: a consumer that stops early aborts the engine request at once.
+            async with contextlib.aclosing(stream):
+                while True:
+                    async with self._deadline.guard(), g._engine_errors():
+                        try:
+                            delta = await anext(stream)
+                        except StopAsyncIteration:
+                            break
+                    tokens += delta.tokens
+                    yield delta
+            g.metrics.samples.labels(self._route).inc()
+            g.metrics.tokens.labels(self._route, "completion").inc(tokens)
+        finally:
+            self.release()
+
+    async def score(self, text: str) -> float:
+        """The reward of the finished text, within the same deadline and admission."""
+        async with self._deadline.guard():
+            return (await self._gateway.score(self._prompt, [text]))[0]
+
+    def release(self) -> None:
+        """Give back the stream's unit of the budget (once; later calls do nothing)."""
+        if self._held:
+            self._held = False
+            self._gateway.budget.release(1)
+            self._gateway.metrics.samples_in_flight.set(self._gateway.budget.in_flight)

@@ -145,7 +145,7 @@ def test_server_error_and_dead_engine(tmp_path: Path) -> None:
     with serve(tmp_path, reward_factory=lambda s: BrokenReward()) as u, Client(u) as c:
         with pytest.raises(ServerError) as e:
             c.bon(prompt="The film", n=2)
-        assert e.value.status == 500 and "classifier exploded" in e.value.message
+        assert e.value.status == 500 and "reward model failed" in e.value.message
     fake = FakeBackend()
     with serve(tmp_path, backend=fake) as u:
         fake.dead = True

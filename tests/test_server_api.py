@@ -109,6 +109,7 @@ BAD_BON = [
     ({"prompt": "a", "max_tokens": 65}, "'max_tokens' is 65; allowed: 1 <= max_tokens <= 64"),
     ({"prompt": "a", "temperature": -1}, "allowed: 0.0 <= temperature <= 2.0"),
     ({"prompt": "a", "temperature": 2.5}, "allowed: 0.0 <= temperature <= 2.0"),
+    ({"prompt": "a", "n": 4, "temperature": 0}, "best-of-N needs temperature > 0"),
     ({"prompt": "a", "top_p": 0}, "'top_p' is 0; allowed: 0.0 < top_p <= 1.0"),
     ({"prompt": "a", "seed": -1}, "allowed: 0 <= seed <= 2147483647"),
     ({"prompt": "a", "n": "x"}, "'n' must be an integer (got 'x'); allowed: 1 <= n <= 16"),
@@ -279,8 +280,88 @@ def test_reward_failure_is_a_clear_500(tmp_path: Path) -> None:
     with TestClient(app, raise_server_exceptions=False) as c:
         r = c.post("/v1/bon", json={"prompt": "a", "n": 2})
     assert r.status_code == 500
-    assert "reward model failed" in r.json()["error"]["message"]
+    message = r.json()["error"]["message"]
+    assert "reward model failed" in message and "server log" in message
+    assert "exploded" not in message  # the exception's text stays in the log
     assert r.json()["error"]["code"] == "reward_model_error"
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/completions", {"model": "fake-model", "prompt": "a", "stream": True}),
+        (
+            "/v1/chat/completions",
+            {"model": "fake-model", "messages": [{"role": "user", "content": "a"}],
+             "stream": True},
+        ),
+        ("/v1/vbon", {"prompt": "a", "stream": True}),
+    ],
+)
+def test_every_stream_sheds_with_429_before_its_200(
+    tmp_path: Path, path: str, body: dict
+) -> None:
+    make_fake_adapter(tmp_path / "adapters" / "vbon-8")
+    with make_client(tmp_path, max_samples_in_flight=2) as c:
+        budget = c.app.state.gateway.budget
+        budget.take(2)  # the server is full
+        r = c.post(path, json=body)
+        assert r.status_code == 429, r.text
+        assert r.headers["retry-after"] == "1"
+        budget.release(2)
+        with c.stream("POST", path, json=body) as r:
+            assert r.status_code == 200
+            events = [line for line in r.iter_lines() if line.startswith("data: ")]
+        assert events[-1] == "data: [DONE]" and '"error"' not in "".join(events)
+        assert budget.in_flight == 0  # the stream gave its unit back
+
+
+def test_one_deadline_covers_every_prompt_of_a_request(tmp_path: Path) -> None:
+    # Each prompt alone fits the limit; the eight together do not.
+    with make_client(tmp_path, FakeBackend(delay_s=0.15), request_timeout_s=0.6) as c:
+        one = c.post("/v1/completions", json={"model": "fake-model", "prompt": "a"})
+        assert one.status_code == 200
+        r = c.post("/v1/completions", json={"model": "fake-model", "prompt": ["a"] * 8})
+    assert r.status_code == 504 and "VBON_REQUEST_TIMEOUT_S" in r.json()["error"]["message"]
+
+
+class SlowReward:
+    """A reward that takes its time and records the admission budget while it scores."""
+
+    name = "slow"
+
+    def __init__(self, delay_s: float) -> None:
+        self.delay_s = delay_s
+        self.budget = None
+        self.seen_in_flight: list[int] = []
+
+    def score(self, prompts: list[str], completions: list[str]) -> list[float]:
+        import time
+
+        self.seen_in_flight.append(self.budget.in_flight if self.budget else -1)
+        time.sleep(self.delay_s)
+        return [0.5] * len(completions)
+
+    def describe(self) -> dict:
+        return {"backend": "slow"}
+
+
+@pytest.mark.parametrize("path", ["/v1/bon", "/v1/vbon"])
+def test_scoring_counts_against_the_deadline_and_the_budget(tmp_path: Path, path: str) -> None:
+    make_fake_adapter(tmp_path / "adapters" / "vbon-8")
+    reward = SlowReward(delay_s=0.0)
+    settings = ServerSettings(adapters_dir=tmp_path / "adapters", adapter_poll_s=0,
+                              request_timeout_s=0.5)
+    app = create_app(settings, backend_factory=lambda s: FakeBackend(),
+                     reward_factory=lambda s: reward, background_load=False)
+    body = {"prompt": "a", "n": 4} if path == "/v1/bon" else {"prompt": "a", "score": True}
+    with TestClient(app) as c:
+        reward.budget = c.app.state.gateway.budget
+        assert c.post(path, json=body).status_code == 200
+        assert reward.seen_in_flight == [4 if path == "/v1/bon" else 1]  # still admitted
+        reward.delay_s = 1.0  # generation is instant; scoring alone overruns the limit
+        r = c.post(path, json=body)
+    assert r.status_code == 504, r.text
 
 
 def test_timeout_is_504(tmp_path: Path) -> None:
@@ -309,6 +390,7 @@ def test_vbon_picks_adapter_by_name_n_or_default(tmp_path: Path) -> None:
         assert body["adapter"]["name"] == "vbon-n4" and body["adapter"]["n"] == 4
         assert body["adapter"]["beta"] == pytest.approx(1 / 3)
         assert isinstance(body["reward"], float)
+        assert str(tmp_path) not in r.text  # no server path in responses
         assert fake.calls[-1]["lora"].name.startswith("vbon-n4@v")
         r = c.post("/v1/vbon", json={"prompt": "a", "adapter": "vbon-n8"})
         assert r.json()["adapter"]["name"] == "vbon-n8" and r.json()["reward"] is None
@@ -338,6 +420,7 @@ def test_vbon_stream_sse(tmp_path: Path) -> None:
     assert chunks[-1]["finish_reason"] in ("stop", "length")
     assert "reward" in chunks[-1]
     assert all(ch["adapter"]["name"] == "vbon-n8" for ch in chunks)
+    assert str(tmp_path) not in json.dumps(chunks)  # no server path in stream chunks
     full = "".join(ch["text"] for ch in chunks)
     with make_client(tmp_path) as c:  # same seed, same text, unstreamed
         assert c.post("/v1/vbon", json={"prompt": "a", "seed": 3}).json()["text"] == full
@@ -598,3 +681,34 @@ def test_a_parameter_the_engine_refuses_is_a_400_naming_it(tmp_path: Path) -> No
         assert r.status_code == 400, r.text
         err = r.json()["error"]
         assert err["param"] == "top_k" and "engine refused" in err["message"]
+
+
+def test_prompt_tokens_are_counted_as_the_engine_counts_them(
+    tmp_path: Path, embedded_model: Path
+) -> None:
+    """A tokenizer that adds a BOS token: the gateway's count must equal the engine's (vLLM
+    tokenizes text prompts with add_special_tokens=True), or the context check passes a prompt
+    the engine then refuses."""
+    import shutil
+
+    from tokenizers import processors
+    from transformers import AutoTokenizer
+    from vllm.renderers.params import TokenizeParams
+
+    from server.backend import VLLMBackend
+
+    folder = tmp_path / "bos-tokenizer"
+    folder.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(embedded_model / name, folder / name)
+    tok = AutoTokenizer.from_pretrained(folder)
+    bos = tok.convert_tokens_to_ids("<|im_start|>")
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|im_start|> $A", special_tokens=[("<|im_start|>", bos)]
+    )
+    text = "a prompt of some words"
+    engine_ids = tok.encode(text, **TokenizeParams(max_total_tokens=1024).get_encode_kwargs())
+    assert engine_ids[0] == bos  # the tokenizer does add a BOS
+    backend = VLLMBackend(ServerSettings(adapters_dir=tmp_path))
+    backend._tokenizer = tok
+    assert backend.count_tokens(text) == len(engine_ids)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
+from starlette.background import BackgroundTask
 
 from server.adapter_registry import AdapterVersion
 from server.errors import (
@@ -201,13 +202,12 @@ def _stream(
             f"stream is not supported with the best-of model '{req.model}': drop stream",
             param="stream",
         )
-    sampling = req.sampling()
-    gateway.check_limits(prompt, sampling, 1)
+    lora = target.adapter.ref if target.adapter else None
+    route = "/v1/chat/completions" if chat else "/v1/completions"
+    stream = gateway.open_stream(prompt, req.sampling(), route, lora)
     rid = new_id("chatcmpl" if chat else "cmpl")
     created = int(time.time())
     obj = "chat.completion.chunk" if chat else "text_completion"
-    lora = target.adapter.ref if target.adapter else None
-    route = "/v1/chat/completions" if chat else "/v1/completions"
 
     def chunk(text: str | None, finish: str | None, first: bool = False) -> str:
         if chat:
@@ -227,13 +227,15 @@ def _stream(
         if chat:
             yield chunk(None, None, first=True)
         try:
-            async for d in gateway.stream_sample(prompt, sampling, route, lora):
+            async for d in stream.deltas():
                 yield chunk(d.text, d.finish_reason)
         except APIError as exc:
             yield sse_error(exc)
         yield sse("[DONE]")
 
-    return StreamingResponse(events(), media_type="text/event-stream")
+    return StreamingResponse(
+        events(), media_type="text/event-stream", background=BackgroundTask(stream.release)
+    )
 
 
 @router.post(
@@ -252,10 +254,13 @@ async def completions(
     async def work() -> CompletionResponse:
         choices: list[CompletionChoice] = []
         p_tok, c_tok, info = 0, 0, None
-        for prompt in body.prompts():
-            cs, p, c, info = await _choices(gateway, body, prompt, target, "/v1/completions")
-            choices += [CompletionChoice(index=len(choices) + i, **ch) for i, ch in enumerate(cs)]
-            p_tok, c_tok = p_tok + p, c_tok + c
+        async with gateway.deadline().guard():  # one limit for all the prompts together
+            for prompt in body.prompts():
+                cs, p, c, info = await _choices(gateway, body, prompt, target, "/v1/completions")
+                choices += [
+                    CompletionChoice(index=len(choices) + i, **ch) for i, ch in enumerate(cs)
+                ]
+                p_tok, c_tok = p_tok + p, c_tok + c
         return CompletionResponse(
             id=new_id("cmpl"),
             created=int(time.time()),
@@ -283,7 +288,10 @@ async def chat_completions(
         return _stream(gateway, body, prompt, target, chat=True)
 
     async def work() -> ChatCompletionResponse:
-        cs, p, c, info = await _choices(gateway, body, prompt, target, "/v1/chat/completions")
+        async with gateway.deadline().guard():
+            cs, p, c, info = await _choices(
+                gateway, body, prompt, target, "/v1/chat/completions"
+            )
         return ChatCompletionResponse(
             id=new_id("chatcmpl"),
             created=int(time.time()),

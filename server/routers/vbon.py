@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
+from starlette.background import BackgroundTask
 
 from server.errors import GENERATION_ERRORS, STREAM_RESPONSE, APIError, error_responses
 from server.protocol import VBoNRequest, VBoNResponse
@@ -26,17 +27,14 @@ async def vbon(body: VBoNRequest, request: Request, gateway: Gateway = Depends(g
         return await abort_on_disconnect(request, gateway.vbon(body))
     adapter = gateway.resolve_adapter(body.adapter, body.n)
     prompt = gateway.render(body)
-    sampling = body.sampling()
-    gateway.check_limits(prompt, sampling, 1)
-    # Admission happens before the stream starts, so a busy server still answers 429.
-    gateway.budget.check(1)
+    stream = gateway.open_stream(prompt, body.sampling(), "/v1/vbon", adapter.ref)
     rid = new_id("vbon")
     info = gateway.adapter_info(adapter).model_dump()
 
     async def events() -> AsyncIterator[str]:
         text = []
         try:
-            async for d in gateway.stream_sample(prompt, sampling, "/v1/vbon", adapter.ref):
+            async for d in stream.deltas():
                 text.append(d.text)
                 chunk = {
                     "id": rid,
@@ -46,11 +44,13 @@ async def vbon(body: VBoNRequest, request: Request, gateway: Gateway = Depends(g
                     "finish_reason": d.finish_reason,
                 }
                 if d.finish_reason is not None and body.score:
-                    chunk["reward"] = (await gateway.score(prompt, ["".join(text)]))[0]
+                    chunk["reward"] = await stream.score("".join(text))
                 yield sse(chunk)
         except APIError as exc:
             yield sse_error(exc)
         yield sse("[DONE]")
 
     # Starlette cancels the generator when the client disconnects, which aborts the request.
-    return StreamingResponse(events(), media_type="text/event-stream")
+    return StreamingResponse(
+        events(), media_type="text/event-stream", background=BackgroundTask(stream.release)
+    )

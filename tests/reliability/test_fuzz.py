@@ -4,7 +4,7 @@ describe. Zero 5xx and responses that match the documented schema, status and co
 
 The app runs on loopback (uvicorn in a thread) on the fake engine (same interface as
 vLLM's): the fuzzer is after the HTTP layer, validation and error paths; the real engine's
-input handling is covered by tests/test_server_engine.py. VBON_FUZZ_EXAMPLES sets the examples
+input handling is fuzzed by tests/test_fuzz_engine.py. VBON_FUZZ_EXAMPLES sets the examples
 per route (make test: 25, make reliability: 300)."""
 
 from __future__ import annotations
