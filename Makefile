@@ -38,10 +38,12 @@ test-fast: install
 	$(PY) -m pytest -q -m "not engine and not reliability" $(PYTEST_ARGS)
 
 # Fuzz (300 examples per route on the fake engine, 300 requests on the real one), load above
-# capacity with RSS, faults (serving and trainer); prints the summary table, also in
-# runs/reliability/summary.md. About 7 minutes here.
+# capacity with RSS, faults (serving and trainer); writes the summary table (with the machine)
+# to docs/results/reliability/summary.md. About 7 minutes here.
 reliability: model
 	VBON_FUZZ_EXAMPLES=$${VBON_FUZZ_EXAMPLES:-300} VBON_FUZZ_ENGINE_EXAMPLES=$${VBON_FUZZ_ENGINE_EXAMPLES:-300} \
+		VBON_RELIABILITY_DIR=$${VBON_RELIABILITY_DIR:-docs/results/reliability} \
+		VBON_RELIABILITY_COMMAND="make reliability" \
 		$(PY) -m pytest -q -m "" tests/reliability tests/test_fuzz_engine.py \
 		tests/test_trainer_job.py::test_kill_and_resume $(PYTEST_ARGS)
 

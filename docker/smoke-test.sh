@@ -14,6 +14,9 @@ NAME="vbon-smoke-$$"
 VOL_MODELS="$NAME-models"
 VOL_ADAPTERS="$NAME-adapters"
 WORK="$(mktemp -d)"
+# The image binds 0.0.0.0, where the gateway refuses to start without a key.
+KEY="smoke-$(od -An -tx1 -N16 /dev/urandom | tr -d ' \n')"
+AUTH="Authorization: Bearer $KEY"
 DOCKERD_PID=""
 t0=$SECONDS
 step() { printf '[docker-test %4ds] %s\n' "$((SECONDS - t0))" "$*"; }
@@ -67,7 +70,7 @@ tr=$SECONDS
 # vLLM's engine process talks to the server through /dev/shm (Docker's default 64 MB is too small).
 docker run -d --name "$NAME" -p 127.0.0.1::8000 --shm-size=1g \
     -v "$VOL_MODELS:/models:ro" -v "$VOL_ADAPTERS:/adapters:ro" \
-    -e VBON_MODEL=/models/smollm2-135m-instruct -e VBON_KV_CACHE_GB=1 \
+    -e VBON_MODEL=/models/smollm2-135m-instruct -e VBON_KV_CACHE_GB=1 -e VBON_API_KEY="$KEY" \
     "$IMAGE" nice -n 10 python -m server >/dev/null
 PORT="$(docker port "$NAME" 8000/tcp | head -1 | sed 's/.*://')"
 URL="http://127.0.0.1:$PORT"
@@ -77,7 +80,7 @@ while :; do
     [[ "$(docker inspect -f '{{.State.Running}}' "$NAME")" == true ]] || { echo "container exited"; exit 1; }
     (( SECONDS - tr < TIMEOUT )) || { echo "not healthy after $TIMEOUT s ($status)"; exit 1; }
     # The gateway stays up when its engine fails to start; /ready says why: stop waiting then.
-    reason="$(curl -s --max-time 3 "$URL/ready" || true)"
+    reason="$(curl -s --max-time 3 -H "$AUTH" "$URL/ready" || true)"
     [[ "$reason" != *"startup failed"* ]] || { echo "gateway start-up failed: $reason"; exit 1; }
     sleep 2
 done
@@ -87,7 +90,7 @@ step "healthy after $((SECONDS - tr)) s; user: $(docker exec "$NAME" id -u)"
 request() {  # path, json -> prints a one-line summary, fails on non-200
     local out; out="$WORK/resp.json"
     local t1=$SECONDS code
-    code="$(curl -s -o "$out" -w '%{http_code}' -H 'Content-Type: application/json' \
+    code="$(curl -s -o "$out" -w '%{http_code}' -H 'Content-Type: application/json' -H "$AUTH" \
         --max-time 300 -d "$2" "$URL$1")"
     [[ "$code" == 200 ]] || { echo "$1 -> HTTP $code: $(cat "$out")"; exit 1; }
     step "$1 -> 200 in $((SECONDS - t1)) s: $("$PY" -c "import json,sys; b=json.load(open(sys.argv[1])); \

@@ -14,7 +14,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from server.adapter_registry import AdapterRegistry
 from server.backend import GenerationBackend, VLLMBackend
-from server.bon_log import BoNLog
+from server.bon_log import BoNLog, load_redactor
 from server.errors import install_error_handlers
 from server.metrics import Metrics
 from server.middleware import AuthMiddleware, BodyLimitMiddleware, MetricsMiddleware
@@ -51,7 +51,9 @@ def create_app(
 
         async def load() -> None:
             try:
-                # Reward first: it is quick, and a bad setting should fail before the engine.
+                # The BoN log's redactor and the reward first: both are quick, and a bad setting
+                # should fail before the engine.
+                redact = load_redactor(settings.bon_log_redact)
                 reward = await asyncio.to_thread(
                     reward_factory or (lambda s: s.load_reward()), settings
                 )
@@ -71,7 +73,11 @@ def create_app(
                 bon_log = None
                 if settings.bon_log_path is not None:
                     bon_log = parts["bon_log"] = BoNLog(
-                        settings.bon_log_path, settings.bon_log_max_bytes, settings.bon_log_backups
+                        settings.bon_log_path,
+                        settings.bon_log_max_bytes,
+                        settings.bon_log_backups,
+                        metrics=metrics,
+                        redact=redact,
                     )
                 app.state.gateway = Gateway(settings, backend, reward, registry, metrics, bon_log)
                 if settings.adapter_poll_s > 0:

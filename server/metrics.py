@@ -65,3 +65,13 @@ class Metrics:
             registry=r,
         )
         self.adapters = Gauge("vbon_adapters_installed", "vBoN adapters being served", registry=r)
+        self.bon_log_written = Counter(
+            "vbon_bon_log_written_total", "Records written to the BoN log", registry=r
+        )
+        self.bon_log_dropped = Counter(
+            "vbon_bon_log_dropped_total",
+            "BoN log records lost, by reason (queue_full: the writer fell behind; error: the "
+            "write failed, or the record or the redactor raised)",
+            ["reason"],
+            registry=r,
+        )

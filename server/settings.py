@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import NoDecode
 
 from server.protocol import AdaptiveFields, Prune
@@ -19,11 +20,31 @@ DEFAULT_ADAPTIVE = AdaptiveFields(
 )
 
 
+def _is_loopback(host: str) -> bool:
+    """Whether binding to `host` keeps the server on this machine (a hostname other than
+    localhost counts as reachable: it may resolve to any interface)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 class ServerSettings(CoreSettings):
     host: str = Field("127.0.0.1", description="Bind address ('0.0.0.0' in containers).")
     port: int = Field(8000, ge=1, le=65535, description="Port to listen on.")
+    allow_no_key: bool = Field(
+        False,
+        description="Serve without VBON_API_KEY on a VBON_HOST other than loopback (an open API: "
+        "only behind your own authenticating proxy or on a trusted network).",
+    )
     api_key: SecretStr | None = Field(
-        None, description="Bearer key required on every route but /health."
+        None,
+        # Validated when unset too: the check below must also see the default None.
+        validate_default=True,
+        description="Bearer key required on every route but /health; required when VBON_HOST "
+        "is not loopback, unless VBON_ALLOW_NO_KEY=true.",
     )
     admin_key: SecretStr | None = Field(
         None, description="Bearer key for /admin routes (adapter reload); unset = admin off."
@@ -50,7 +71,12 @@ class ServerSettings(CoreSettings):
     max_samples_in_flight: int = Field(
         512, ge=1, description="Samples being generated at once; above it: 429 + Retry-After."
     )
-    request_timeout_s: float = Field(300.0, gt=0, description="Per-request time limit (504).")
+    request_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        description="Time limit of a whole request (504): its generations and scoring, all "
+        "its prompts.",
+    )
     max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest request body.")
     served_model_name: str | None = Field(
         None, description="Name of the base model in the API; default: the model folder name."
@@ -60,6 +86,12 @@ class ServerSettings(CoreSettings):
     )
     bon_log_max_bytes: int = Field(100_000_000, ge=1024, description="Rotate the log above this.")
     bon_log_backups: int = Field(5, ge=1, description="Rotated log files kept.")
+    bon_log_redact: str | None = Field(
+        None,
+        description="Redaction hook for the BoN log, 'package.module:function': called with each "
+        "record (a dict: prompt, responses, rewards), returns the record to write or None to "
+        "skip it; imported at start (an import error fails start-up).",
+    )
     adaptive_default: AdaptiveFields = Field(
         DEFAULT_ADAPTIVE,
         description="Adaptive best-of-N setting used by 'adaptive': true and the "
@@ -117,6 +149,22 @@ class ServerSettings(CoreSettings):
         n = (self.max_n, "VBON_MAX_N")
         tokens = (self.max_tokens_limit, "VBON_MAX_TOKENS_LIMIT")
         return {"n": n, "best_of": n, "max_tokens": tokens, "max_completion_tokens": tokens}
+
+    @field_validator("api_key")
+    @classmethod
+    def _key_off_loopback(cls, v: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        # On api_key rather than the whole model: the error then names VBON_API_KEY and quotes
+        # only its value (None or ''), never the other settings, which may hold secrets.
+        host = str(info.data.get("host", ""))
+        missing = v is None or not v.get_secret_value()
+        if missing and not _is_loopback(host) and not info.data.get("allow_no_key", False):
+            raise ValueError(
+                f"required with VBON_HOST={host}, which other machines can reach: set "
+                "VBON_API_KEY to a long random key (e.g. `openssl rand -hex 32`; clients "
+                "send 'Authorization: Bearer <key>'), or bind to VBON_HOST=127.0.0.1, or "
+                "set VBON_ALLOW_NO_KEY=true to serve an open API on purpose"
+            )
+        return v
 
     @field_validator("upstreams", mode="before")
     @classmethod

@@ -5,6 +5,7 @@ runs/reliability/summary.{json,md}. A plugin of tests/conftest.py; tests ask for
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from vbon.adapters import write_json_atomic, write_text_atomic
 ROOT = Path(__file__).resolve().parent.parent
 COLUMNS = ("check", "inputs", "5xx", "shed", "rss_growth_mb", "faults", "survived", "note")
 _ROWS: list[dict[str, Any]] = []
+_STARTED = time.monotonic()
 
 
 class Figures:
@@ -48,11 +50,34 @@ def summary_markdown(rows: list[dict[str, Any]]) -> str:
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     if not _ROWS:
         return
+    import datetime
+    import sys
+
+    from vbon.report import machine_line, machine_stamp
+
     out = Path(os.environ.get("VBON_RELIABILITY_DIR", ROOT / "runs" / "reliability"))
     out.mkdir(parents=True, exist_ok=True)
+    failed = len(terminalreporter.stats.get("failed", [])) + len(
+        terminalreporter.stats.get("error", [])
+    )
+    machine = machine_stamp()
+    command = os.environ.get("VBON_RELIABILITY_COMMAND") or "pytest " + " ".join(sys.argv[1:])
+    minutes = (time.monotonic() - _STARTED) / 60
     table = summary_markdown(_ROWS)
-    write_text_atomic(out / "summary.md", table)
-    write_json_atomic(out / "summary.json", {"rows": _ROWS})
+    header = (
+        "# Reliability checks\n\n"
+        f"Written by `{command}` on {datetime.date.today().isoformat()} ({minutes:.0f} min): "
+        f"{machine_line(machine)}. "
+        + ("Every row is a passing test. " if not failed else f"**{failed} tests FAILED.** ")
+        + "What each check proves: [docs/reliability.md](../../reliability.md). 5xx in the "
+        "reward row are the injected reward failures, answered 500 `reward_model_error` by "
+        "design.\n\n"
+    )
+    write_text_atomic(out / "summary.md", header + table)
+    write_json_atomic(
+        out / "summary.json",
+        {"command": command, "machine": machine, "failed": failed, "rows": _ROWS},
+    )
     terminalreporter.write_sep("=", "reliability summary")
     terminalreporter.write(table)
     terminalreporter.write_line(f"(written to {out}/summary.md and summary.json)")

