@@ -16,7 +16,10 @@ OpenAI-compatible servers (`vllm serve ... --enable-lora`) over HTTP.
 - LoRA: adapters are loaded by name with `/v1/load_lora_adapter` (the upstreams need
   VLLM_ALLOW_RUNTIME_LORA_UPDATING=True and the adapters volume mounted at
   VBON_UPSTREAM_ADAPTERS_DIR). Each version `name@vN` is loaded on every upstream before its
-  first use there, and loaded again after an upstream restarts.
+  first use there, and loaded again after an upstream restarts, always from its immutable
+  snapshot `VBON_ADAPTERS_DIR/.versions/name@vN` (written by server.adapter_registry; the
+  gateway needs the volume read-write), never from the live folder, which may by then hold
+  another version. A version nothing uses any more is unloaded (`unload_lora`).
 """
 
 from __future__ import annotations
@@ -108,6 +111,10 @@ def model_matches(served: str, expected: str) -> bool:
 
 class RemoteBackend:
     """vLLM OpenAI-compatible servers as the generation engine (VBON_BACKEND=remote)."""
+
+    # The upstreams read adapters by path, from the shared volume: the adapter registry writes
+    # its per-version snapshots there (not in a private temporary folder).
+    shared_snapshots = True
 
     def __init__(self, settings: Any, transport: httpx.AsyncBaseTransport | None = None) -> None:
         self._settings = settings
@@ -290,12 +297,19 @@ class RemoteBackend:
 
     # -- LoRA -----------------------------------------------------------------------------
     def _upstream_lora_path(self, lora: LoraRef) -> str:
-        """Where the upstreams read this adapter: the adapters volume as mounted there. The
-        registry's snapshot copy is private to this process; vLLM reads the weights once at
-        load time, and each version gets a new name, so the published folder is safe to use."""
-        base = self._settings.upstream_adapters_dir or self._settings.adapters_dir
-        name = lora.name.split("@", 1)[0]
-        return str(Path(base) / name)
+        """Where the upstreams read this version: its snapshot on the adapters volume
+        (`lora.path`, under VBON_ADAPTERS_DIR) as the volume is mounted there. Never the live
+        folder: an upstream that restarts loads `name@vN` again, and by then the live folder
+        may hold a newer version or one that was refused."""
+        ours = Path(self._settings.adapters_dir)
+        try:
+            inside = Path(lora.path).relative_to(ours)
+        except ValueError:
+            raise UpstreamError(
+                f"adapter {lora.name} is at '{lora.path}', outside VBON_ADAPTERS_DIR '{ours}' "
+                "that the upstreams mount"
+            ) from None
+        return str(Path(self._settings.upstream_adapters_dir or ours) / inside)
 
     async def _ensure_lora(self, up: Upstream, lora: LoraRef) -> None:
         if lora.name in up.loaded:
@@ -345,6 +359,32 @@ class RemoteBackend:
         if errors:
             del self._loras[lora.name]
             raise errors[0]
+
+    async def unload_lora(self, lora: LoraRef) -> None:
+        """The registry retired this version (replaced or removed, and no request holds it):
+        forget it here, so the health loop no longer loads it onto restarted upstreams, and
+        unload it from the upstreams, so they never reload it from its deleted snapshot (vLLM
+        reads an evicted adapter again from its path). Every healthy upstream is asked, also
+        one we believe lacks it (`loaded` is cleared when an upstream is marked down, which it
+        may be without having restarted). Best effort: an upstream that misses this keeps an
+        unused name that is never given to other weights."""
+        self._loras.pop(lora.name, None)
+        for up in self.upstreams:
+            self._lora_locks.pop((up.url, lora.name), None)
+            up.loaded.discard(lora.name)
+            if self._client is None or not up.healthy:
+                continue
+            try:
+                r = await self._client.post(
+                    f"{up.url}/v1/unload_lora_adapter", json={"lora_name": lora.name}
+                )
+            except httpx.HTTPError as exc:
+                logger.info("upstream %s: unloading %s failed: %s", up.url, lora.name,
+                            _describe(exc))
+                continue
+            if r.status_code not in (200, 404):  # 404: it had forgotten it already
+                logger.info("upstream %s: unloading %s answered %d: %s", up.url, lora.name,
+                            r.status_code, _error_message(r))
 
     async def _preload_loras(self) -> None:
         for up in self.upstreams:

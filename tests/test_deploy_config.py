@@ -205,6 +205,28 @@ def test_scale_profile_runs_vllm_replicas_and_a_remote_gateway() -> None:
     assert s.backend == "remote" and len(s.upstreams) == len(replicas)
 
 
+def read_only(volume: str | dict) -> bool:
+    if isinstance(volume, dict):  # compose v2's long form
+        return bool(volume.get("read_only"))
+    return volume.endswith(":ro")
+
+
+def target(volume: str | dict) -> str:
+    return volume["target"] if isinstance(volume, dict) else volume.split(":")[1]
+
+
+@needs_compose
+def test_remote_gateway_writes_version_snapshots_the_replicas_read() -> None:
+    """The remote gateway writes each adapter version's immutable snapshot into the adapters
+    volume (.versions/), which the replicas load from: writable there, read-only for them."""
+    services = compose_config("scale")["services"]
+    gw = [v for v in services["gateway-remote"]["volumes"] if target(v) == "/adapters"]
+    assert gw and not read_only(gw[0])
+    for name in (n for n in services if n.startswith("vllm-")):
+        ups = [v for v in services[name]["volumes"] if target(v) == "/adapters"]
+        assert ups and read_only(ups[0])
+
+
 def settings_from(env: dict[str, str]):
     from server.settings import ServerSettings
     from vbon.settings import load_settings
@@ -392,6 +414,15 @@ def test_kubernetes_example_uses_the_same_settings() -> None:
     s = settings_from(gateway_env(c, {"api-key": KEY, "upstream-api-key": "up-" + KEY}))
     sts = k8s_one(docs, "StatefulSet")
     assert s.backend == "remote" and len(s.upstreams) == sts["spec"]["replicas"]
+
+
+def test_kubernetes_gateway_writes_version_snapshots_the_vllm_pods_read() -> None:
+    docs = k8s_docs()
+    gateway = k8s_one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    vllm = k8s_one(docs, "StatefulSet")["spec"]["template"]["spec"]["containers"][0]
+    data = {m["name"]: m for m in gateway["volumeMounts"]}["data"]
+    assert not data.get("readOnly", False)
+    assert {m["name"]: m for m in vllm["volumeMounts"]}["data"].get("readOnly") is True
 
 
 def test_kubernetes_gateway_requires_its_key_and_probes_work_with_it() -> None:

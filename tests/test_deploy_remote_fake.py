@@ -7,6 +7,7 @@ tests/test_deploy_remote.py."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,6 +33,8 @@ class FakeVLLM:
         self.loras: dict[str, set[str]] = {u: set() for u in modes}
         self.completions: dict[str, int] = {u: 0 for u in modes}
         self.bodies: list[dict] = []
+        self.loaded_from: list[tuple[str, str]] = []  # (lora_name, lora_path) per load
+        self.unloaded: list[str] = []
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         up = f"{request.url.scheme}://{request.url.host}:{request.url.port}"
@@ -49,6 +52,11 @@ class FakeVLLM:
         body = json.loads(request.content)
         if path == "/v1/load_lora_adapter":
             self.loras[up].add(body["lora_name"])
+            self.loaded_from.append((body["lora_name"], body["lora_path"]))
+            return httpx.Response(200, text="ok")
+        if path == "/v1/unload_lora_adapter":
+            self.loras[up].discard(body["lora_name"])
+            self.unloaded.append(body["lora_name"])
             return httpx.Response(200, text="ok")
         assert path == "/v1/completions"
         self.bodies.append(body)
@@ -175,6 +183,137 @@ def test_adapters_load_at_install_and_again_after_an_upstream_restart(
         r = client.post("/v1/vbon", json={"prompt": "x", "max_tokens": 3})
         assert r.status_code == 200, r.text
         assert fake.loras[A] == {"vbon-n8@v1"}
+
+
+ADMIN = {"Authorization": "Bearer adm"}
+
+
+def _publish(folder: Path, model: Path, seed: int, **meta: object) -> bytes:
+    """Publish an adapter as the trainer does with --overwrite; returns its weights."""
+    from vbon.adapters import AdapterMeta, staged_folder
+
+    with staged_folder(folder, overwrite=True) as tmp:
+        make_fake_adapter(tmp, base_model=str(model), seed=seed)
+        if meta:
+            m = AdapterMeta.model_validate_json((tmp / "vbon.json").read_text())
+            (tmp / "vbon.json").write_text(m.model_copy(update=meta).model_dump_json())
+    return (folder / "adapter_model.safetensors").read_bytes()
+
+
+def test_a_restarted_upstream_reloads_the_served_version_not_the_live_folder(
+    tmp_path: Path, embedded_model: Path
+) -> None:
+    """#29 point 12: the upstreams load each version from its immutable snapshot on the shared
+    volume, so after a restart they load exactly the version /ready reports, even when the
+    live folder holds a refused one by then."""
+    adapters = tmp_path / "adapters"
+    v1 = _publish(adapters / "vbon-n8", embedded_model, seed=0)
+    fake = FakeVLLM(str(embedded_model), {A: "ok"})
+    client, backend = make_client(tmp_path, embedded_model, fake, admin_key="adm",
+                                  upstream_adapters_dir="/mnt/adapters")
+    with client:
+        assert fake.loaded_from == [("vbon-n8@v1", "/mnt/adapters/.versions/vbon-n8@v1")]
+        snap1 = adapters / ".versions" / "vbon-n8@v1"  # the same folder, as the gateway sees it
+        assert (snap1 / "adapter_model.safetensors").read_bytes() == v1
+        # Readable by upstreams running as another user.
+        assert {oct(p.stat().st_mode & 0o777) for p in snap1.iterdir()} == {"0o644"}
+        assert oct(snap1.stat().st_mode & 0o777) == "0o755"
+
+        # The trainer overwrites it with a version the gateway refuses: v1 keeps serving.
+        v3 = _publish(adapters / "vbon-n8", embedded_model, seed=3, base_model="/models/gpt2")
+        r = client.post("/admin/adapters/reload", headers=ADMIN).json()
+        assert "vbon-n8" in r["refused"] and r["installed"] == []
+        ready = client.get("/ready").json()
+        assert [(a["name"], a["version"]) for a in ready["adapters"]] == [("vbon-n8", 1)]
+
+        fake.loras[A].clear()  # the upstream restarts and forgets its adapters
+        r = client.post("/v1/vbon", json={"prompt": "x", "max_tokens": 3})
+        assert r.status_code == 200, r.text
+        assert fake.bodies[-1]["model"] == "vbon-n8@v1"
+        # Loaded again from v1's snapshot, which still holds v1 (not the live folder's v3).
+        assert fake.loaded_from[-1] == ("vbon-n8@v1", "/mnt/adapters/.versions/vbon-n8@v1")
+        assert (snap1 / "adapter_model.safetensors").read_bytes() == v1 != v3
+
+        # A valid new version: installed as v2 from its own snapshot; v1, which no request
+        # holds, is unloaded from the upstreams and its snapshot emptied (the empty folder
+        # keeps the number taken, so the name never comes back with other weights).
+        v2 = _publish(adapters / "vbon-n8", embedded_model, seed=2)
+        r = client.post("/admin/adapters/reload", headers=ADMIN).json()
+        assert r["installed"] == ["vbon-n8@v2"]
+        assert fake.loaded_from[-1] == ("vbon-n8@v2", "/mnt/adapters/.versions/vbon-n8@v2")
+        assert (adapters / ".versions" / "vbon-n8@v2" / "adapter_model.safetensors"
+                ).read_bytes() == v2
+        assert fake.unloaded == ["vbon-n8@v1"] and fake.loras[A] == {"vbon-n8@v2"}
+        assert list(snap1.iterdir()) == []
+        assert "vbon-n8@v1" not in backend()._loras  # never preloaded onto upstreams again
+        r = client.post("/v1/vbon", json={"prompt": "x", "max_tokens": 3})
+        assert r.status_code == 200 and fake.bodies[-1]["model"] == "vbon-n8@v2"
+    # At shutdown the gateway empties its snapshots; hidden, so never scanned as adapters.
+    assert sorted(p.name for p in adapters.iterdir()) == [".versions", "vbon-n8"]
+    assert all(not any(p.iterdir()) for p in (adapters / ".versions").iterdir())
+
+
+def test_no_version_name_is_given_to_other_weights_by_another_gateway(
+    tmp_path: Path, embedded_model: Path
+) -> None:
+    """Two gateways on one volume and upstream, or one gateway restarted while the upstream
+    keeps its adapters: each version number is claimed on the volume, so an upstream that has
+    'vbon-n8@v1' loaded is never told that name means other weights."""
+    adapters = tmp_path / "adapters"
+    _publish(adapters / "vbon-n8", embedded_model, seed=0)
+    fake = FakeVLLM(str(embedded_model), {A: "ok"})
+    first, _ = make_client(tmp_path, embedded_model, fake)
+    second, _ = make_client(tmp_path, embedded_model, fake)
+    with first:
+        with second:
+            assert [n for n, _ in fake.loaded_from] == ["vbon-n8@v1", "vbon-n8@v2"]
+            for client, name in ((first, "vbon-n8@v1"), (second, "vbon-n8@v2")):
+                r = client.post("/v1/vbon", json={"prompt": "x", "max_tokens": 3})
+                assert r.status_code == 200 and fake.bodies[-1]["model"] == name
+        # The second one stopped: its snapshot is emptied, the first one's is untouched.
+        assert list((adapters / ".versions" / "vbon-n8@v2").iterdir()) == []
+        assert (adapters / ".versions" / "vbon-n8@v1" / "adapter_model.safetensors").is_file()
+        r = first.post("/v1/vbon", json={"prompt": "x", "max_tokens": 3})
+        assert r.status_code == 200
+    _publish(adapters / "vbon-n8", embedded_model, seed=5)  # new weights, then a restart
+    again, _ = make_client(tmp_path, embedded_model, fake)
+    with again:
+        assert fake.loaded_from[-1][0] == "vbon-n8@v3"
+
+
+def test_copies_left_by_a_gateway_that_died_while_copying_are_removed(
+    tmp_path: Path, embedded_model: Path
+) -> None:
+    import os
+
+    adapters = tmp_path / "adapters"
+    make_fake_adapter(adapters / "vbon-n8", base_model=str(embedded_model))
+    versions = adapters / ".versions"
+    stale, fresh = versions / ".vbon-n8.tmp-dead", versions / ".x.tmp-busy"
+    for folder in (stale, fresh):
+        folder.mkdir(parents=True)
+        (folder / "adapter_model.safetensors").write_bytes(b"partial")
+    old = time.time() - 2 * 3600
+    os.utime(stale, (old, old))
+    client, _ = make_client(tmp_path, embedded_model, FakeVLLM(str(embedded_model), {A: "ok"}))
+    with client:
+        assert not stale.exists() and fresh.is_dir()  # (another gateway may be copying that)
+        assert (versions / "vbon-n8@v1").is_dir()
+
+
+def test_a_read_only_adapters_volume_is_refused_saying_how_to_fix(
+    tmp_path: Path, embedded_model: Path
+) -> None:
+    adapters = tmp_path / "adapters"
+    make_fake_adapter(adapters / "vbon-n8", base_model=str(embedded_model))
+    (adapters / ".versions").write_text("")  # (root ignores permissions: a file blocks it)
+    fake = FakeVLLM(str(embedded_model), {A: "ok"})
+    client, _ = make_client(tmp_path, embedded_model, fake)
+    with client:
+        ready = client.get("/ready").json()
+        why = ready["refused_adapters"]["vbon-n8"]
+        assert ".versions" in why and "read-write" in why, why
+        assert ready["adapters"] == [] and fake.loaded_from == []
 
 
 def test_stream_through_the_remote_backend(tmp_path: Path, embedded_model: Path) -> None:

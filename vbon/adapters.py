@@ -1,18 +1,24 @@
 """The adapter folder contract between the trainer (writer) and the gateway (reader).
 
 An adapter folder holds peft's files (adapter_config.json, adapter_model.safetensors) and
-`vbon.json` (AdapterMeta). The trainer writes it into a temporary sibling folder and renames it
-into place when complete (`publish_adapter`), so a reader never sees half an adapter;
+`vbon.json` (AdapterMeta). The trainer writes it into a temporary sibling folder, fsyncs it, and
+moves it into place in one atomic step when complete (`staged_folder`), so a reader polling the
+folder (the gateway's hot reload) never sees half an adapter nor, on --overwrite, no adapter;
 `validate_adapter` refuses anything else (half-copied, corrupted, or for another base model).
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
+import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +27,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, ValidationError
 
 from vbon.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 META_FILE = "vbon.json"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -120,36 +128,156 @@ def validate_adapter(folder: Path, max_rank: int | None = None) -> AdapterMeta:
     return read_meta(folder)
 
 
+def fsync_path(path: Path) -> None:
+    """Flush a file's data, or a folder's entries (the names created or renamed in it), to
+    disk: a rename is atomic for readers, but only an fsync makes it survive a crash."""
+    is_dir = path.is_dir()
+    fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if is_dir else 0))
+    try:
+        os.fsync(fd)
+    except OSError as exc:  # some filesystems cannot fsync a folder; its files are synced
+        if not (is_dir and exc.errno in (errno.EINVAL, errno.ENOTSUP, errno.EBADF)):
+            raise
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file under `root`, then each folder (after its entries)."""
+    for dirpath, _dirs, files in os.walk(root, topdown=False):
+        for name in files:
+            fsync_path(Path(dirpath, name))
+        fsync_path(Path(dirpath))
+
+
+# Errors that mean "this OS or filesystem cannot exchange two names" (no renameat2, or a
+# filesystem without RENAME_EXCHANGE such as NFS), as opposed to a real failure.
+_NO_EXCHANGE = {errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP}
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+def _renameat2() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2  # glibc >= 2.28, musl >= 1.2.3
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def rename_exchange(a: Path, b: Path) -> None:
+    """Swap two existing paths in one atomic step (Linux renameat2 with RENAME_EXCHANGE): a
+    reader of either name sees the old entry or the new one, never none. Raises OSError with
+    an errno in _NO_EXCHANGE where the OS or the filesystem cannot do it."""
+    fn = _renameat2()
+    if fn is None:
+        raise OSError(errno.ENOSYS, "renameat2 is not available on this system")
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+def _versioned_sibling(final: Path) -> Path:
+    """A hidden, unique sibling name for one published version of `final` (scans skip names
+    that start with '.')."""
+    return final.with_name(f".{final.name}@{time.time_ns()}-{os.getpid()}")
+
+
+def _switch_link(tmp: Path, final: Path) -> Path | None:
+    """`final` is a symlink: move `tmp` to a hidden versioned sibling and point `final` at it
+    by renaming a new symlink over the old one, which is atomic on every POSIX filesystem
+    (NFS included). Returns the previous version's folder when it is one of ours."""
+    previous = os.readlink(final)
+    version = _versioned_sibling(final)
+    os.rename(tmp, version)
+    link = final.with_name(f".{final.name}.link-{os.getpid()}")
+    link.unlink(missing_ok=True)
+    os.symlink(version.name, link)  # relative: the same link works under any mount point
+    os.replace(link, final)
+    old = final.parent / previous
+    ours = old.parent == final.parent and old.name.startswith(f".{final.name}@")
+    return old if ours else None  # a user's own symlink target is never deleted
+
+
+def _swap_in(tmp: Path, final: Path) -> Path | None:
+    """Put the complete folder `tmp` in place of the existing `final` so that a reader of
+    `final` sees the previous version or the new one at every instant. Returns the folder that
+    now holds the previous version (to delete), if any."""
+    if final.is_symlink():
+        return _switch_link(tmp, final)
+    try:
+        rename_exchange(tmp, final)
+        return tmp  # the exchange left the previous version under the temporary name
+    except OSError as exc:
+        if exc.errno not in _NO_EXCHANGE:
+            raise
+    # No atomic exchange here (NFS and most network filesystems, non-Linux systems): turn
+    # `final` into a symlink to a hidden versioned folder, which later overwrites switch
+    # atomically (_switch_link). This first replacement of a real folder cannot be atomic:
+    # for an instant between the two renames the name is missing.
+    logger.warning(
+        "%s: this filesystem cannot exchange two folders atomically; publishing it as a "
+        "symlink to a hidden versioned folder, so that later overwrites are atomic",
+        final,
+    )
+    version = _versioned_sibling(final)
+    os.rename(tmp, version)
+    link = final.with_name(f".{final.name}.link-{os.getpid()}")
+    link.unlink(missing_ok=True)
+    os.symlink(version.name, link)
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    os.replace(final, old)
+    os.replace(link, final)
+    return old
+
+
 @contextmanager
 def staged_folder(final: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling of `final`; on success rename it into place atomically.
+    """Yield a temporary sibling of `final`; on success fsync it and move it into place in
+    one atomic step.
 
     On error the temporary folder is removed and `final` is untouched. With overwrite, an
-    existing `final` is replaced only after the new one is complete."""
+    existing `final` is replaced only after the new one is complete, and atomically: a reader
+    (the gateway polling the adapters folder) sees the old version or the new one, never no
+    folder and never half of one (`_swap_in`; on a filesystem without RENAME_EXCHANGE, such as
+    NFS, from the second overwrite of a folder on)."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    if final.exists() and not overwrite:
+    if os.path.lexists(final) and not overwrite:
         raise ConfigError(f"output folder '{final}' exists: choose another or pass --overwrite")
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    old: Path | None = None
     try:
         yield tmp
         os.chmod(tmp, 0o755)
-        if final.exists():
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
+        # Durable before visible: after a crash the published name never points at files
+        # whose data did not reach the disk.
+        fsync_tree(tmp)
+        if os.path.lexists(final):
+            if not overwrite:  # appeared while we wrote
+                raise ConfigError(f"output folder '{final}' exists: choose another or pass "
+                                  "--overwrite")
+            old = _swap_in(tmp, final)
         else:
-            os.replace(tmp, final)
+            os.rename(tmp, final)
+        fsync_path(final.parent)  # the new name (or link) itself
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        for leftover in (tmp, old):
+            if leftover is not None and os.path.lexists(leftover):
+                shutil.rmtree(leftover, ignore_errors=True)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Write to a hidden sibling, then rename: readers see the old file or the new one."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_text(text)
+        with tmp.open("w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())  # the data is on disk before the new name points at it
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
