@@ -13,7 +13,7 @@ Measures, side by side in one run on this machine:
   3. the LoRA cost: a vBoN sample through its adapter against a base-model sample.
 
 Writes JSON, a markdown table and a PNG plot to --out. Usage:
-  .venv/bin/python scripts/bench_gateway.py --out runs/bench-gateway [--quick]
+  .venv/bin/python scripts/bench_gateway.py [--out docs/results/gateway] [--quick]
 """
 
 from __future__ import annotations
@@ -300,7 +300,9 @@ def write_report(results: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lines = ["# Gateway benchmark", "", f"Machine: {results['machine']}", ""]
+    command = "python " + " ".join(sys.argv)
+    machine = results["machine"]
+    lines = ["# Gateway benchmark", "", f"Written by `{command}`; machine: {machine}", ""]
     if "engine" in results:
         lines += [
             "## Engine configuration (saturated, 48 tokens per sample, ignore_eos; median of "
@@ -390,7 +392,7 @@ def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--out", default="runs/bench-gateway")
+    p.add_argument("--out", default="docs/results/gateway")
     p.add_argument("--quick", action="store_true", help="fewer repetitions (a few minutes)")
     p.add_argument("--skip-engine-config", action="store_true")
     p.add_argument("--skip-gateway", action="store_true")

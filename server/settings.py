@@ -69,7 +69,8 @@ class ServerSettings(CoreSettings):
     max_tokens_limit: int = Field(512, ge=1, description="Largest max_tokens per request.")
     max_prompt_tokens: int = Field(768, ge=1, description="Longest prompt in tokens.")
     max_samples_in_flight: int = Field(
-        512, ge=1, description="Samples being generated at once; above it: 429 + Retry-After."
+        512, ge=1, description="Samples being generated or scored at once; above it: 429 + "
+        "Retry-After (before any 200, streams included)."
     )
     request_timeout_s: float = Field(
         300.0,

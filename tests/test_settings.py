@@ -109,3 +109,16 @@ def test_server_refuses_to_start_open_on_all_interfaces(
     monkeypatch.setattr(main, "serve", lambda *a: pytest.fail("the server started"))
     assert main.main() == 2
     assert "VBON_API_KEY" in capsys.readouterr().err
+
+
+def test_the_settings_reference_is_generated_from_the_settings_classes() -> None:
+    """docs/settings.md and .env.example list every setting the gateway reads, as the class
+    states it: change a setting, run `python -m server.settings_doc`."""
+    from server.settings import ServerSettings
+    from server.settings_doc import render
+
+    for path, text in render().items():
+        assert path.read_text() == text, f"{path} is stale: run python -m server.settings_doc"
+    doc = render()[next(iter(render()))]
+    for name in ServerSettings.model_fields:
+        assert f"`VBON_{name.upper()}`" in doc
