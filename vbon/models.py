@@ -33,7 +33,10 @@ REPAIR_HINT = (
 
 
 def default_models_dir() -> Path:
-    return Path(os.environ.get("VBON_MODELS_DIR", "models"))
+    """VBON_MODELS_DIR, read through the settings class like every other setting."""
+    from vbon.settings import CoreSettings
+
+    return CoreSettings().models_dir
 
 
 def embedded_gguf() -> Path:
