@@ -1,6 +1,7 @@
 """Clients of the vbon gateway: a typed Python client (sync and async), a CLI
-(`python -m clients`), the throughput benchmark (`python -m clients.bench`) and the quality
-evaluation (`python -m clients.eval`). They talk to the gateway over HTTP only."""
+(`python -m clients`) and the benchmarks (`python -m clients.bench`, `clients.adaptive_bench`).
+They talk to the gateway over HTTP only. (`python -m clients.eval` is kept as the quality
+evaluation's command; the evaluation itself, an offline engine, is vbon.evaluation.)"""
 
 from clients.client import AsyncClient, Client, RetryPolicy
 from clients.errors import (

@@ -12,12 +12,14 @@ Phases (each bounded in requests and seconds, loopback only):
 3. Open loop: Poisson arrivals at fractions (--poisson-load) of each method's closed-loop peak.
 4. transformers: the same BoN-N on the same prompts and token budget with
    `model.generate(num_return_sequences=N)` + the same reward, one prompt at a time (what TRL's
-   former BestOfNSampler did), same dtype and all CPU threads; compared with the gateway on
-   the same prompts one at a time (c=1) and all at once.
+   former BestOfNSampler did; vbon.hf_bon), same dtype and all CPU threads; compared with the
+   gateway on the same prompts one at a time (c=1) and all at once.
 
 Output in --out: bench.json, bench.md and the plots throughput_vs_concurrency.png and
-latency_vs_throughput.png. base = /v1/bon with n=1 (same route, so reward and overheads
-match); vBoN = /v1/vbon with score=true.
+latency_vs_throughput.png (written by vbon.report.bench). base = /v1/bon with n=1 (same route,
+so reward and overheads match); vBoN = /v1/vbon with score=true. When the benchmark starts the
+gateway and no adapter is installed, vBoN runs on a placeholder (vbon.placeholder_adapter):
+real speed, meaningless reward.
 """
 
 from __future__ import annotations
@@ -38,8 +40,11 @@ from typing import Any
 
 from clients.client import AsyncClient, RetryPolicy
 from clients.errors import APIError, VBoNClientError
+from vbon.hf_bon import hf_bon
+from vbon.metrics import mean_se, none_if_nan
+from vbon.placeholder_adapter import make_placeholder_adapter
 from vbon.report import write_report
-from vbon.table import markdown_table
+from vbon.report.bench import peaks, plot, render_markdown
 
 EXIT_ERROR = 1
 METHOD_RE = re.compile(r"^(base|vbon|bon-(\d+))$")
@@ -156,7 +161,7 @@ def summarize(
     rewards = [o.reward for o in outcomes if o.reward is not None]
     tokens = sum(o.completion_tokens for o in outcomes)
     wall = max(wall_s, 1e-9)
-    se = statistics.stdev(rewards) / math.sqrt(len(rewards)) if len(rewards) > 1 else None
+    reward_m, reward_se = mean_se(rewards)
     return Level(
         method=method.name,
         n=method.n,
@@ -178,8 +183,8 @@ def summarize(
         latency_p95_s=percentile(lat, 95),
         latency_p99_s=percentile(lat, 99),
         latency_mean_s=statistics.fmean(lat) if lat else None,
-        mean_reward=statistics.fmean(rewards) if rewards else None,
-        reward_se=se,
+        mean_reward=none_if_nan(reward_m),
+        reward_se=none_if_nan(reward_se),
         outcomes=[asdict(o) for o in outcomes],
     )
 
@@ -301,343 +306,6 @@ class Runner:
         )
 
 
-# -- transformers baseline ------------------------------------------------------------------
-def hf_bon(
-    model_path: str,
-    prompts: list[str],
-    ns: list[int],
-    max_tokens: int,
-    dtype: str,
-    threads: int,
-    reward_spec: str,
-    progress: Any,
-) -> list[dict[str, Any]]:
-    """BoN the way a transformers/TRL user does it: per prompt, generate N sequences with
-    num_return_sequences=N, score them with the reward model, keep the best."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from vbon.prompts import render_task
-    from vbon.rewards import load_reward
-    from vbon.sampling import Sampling, hf_generation_config
-
-    torch.set_num_threads(threads)
-    torch_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype, torch.float32)
-    tok = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype).eval()
-    reward = load_reward(reward_spec)
-    eos = tok.eos_token_id
-    texts = [render_task(tok, p) for p in prompts]
-
-    def run(text: str, n: int) -> tuple[int, float]:
-        ids = tok(text, return_tensors="pt", add_special_tokens=False)
-        cfg = hf_generation_config(Sampling(max_tokens=max_tokens), tok, n=n)
-        with torch.inference_mode():
-            out = model.generate(**ids, generation_config=cfg)
-        new = out[:, ids["input_ids"].shape[1] :].tolist()
-        completions, tokens = [], 0
-        for row in new:
-            cut = row.index(eos) + 1 if eos in row else len(row)
-            tokens += cut
-            completions.append(tok.decode(row[:cut], skip_special_tokens=True))
-        rewards = reward.score([text] * n, completions)
-        return tokens, max(rewards)
-
-    run(texts[0], ns[0])  # warm-up (one-time allocations)
-    rows = []
-    for n in ns:
-        t0 = time.perf_counter()
-        tokens, best = 0, []
-        lat = []
-        for text in texts:
-            t1 = time.perf_counter()
-            k, b = run(text, n)
-            lat.append(time.perf_counter() - t1)
-            tokens += k
-            best.append(b)
-            progress.update(1)
-        wall = time.perf_counter() - t0
-        rows.append(
-            {
-                "n": n,
-                "prompts": len(texts),
-                "wall_s": wall,
-                "answers_per_s": len(texts) / wall,
-                "gen_tokens_per_s": tokens / wall,
-                "tokens_per_answer": tokens / len(texts),
-                "latency_mean_s": statistics.fmean(lat),
-                "mean_reward": statistics.fmean(best),
-            }
-        )
-    return rows
-
-
-# -- reporting --------------------------------------------------------------------------------
-def _f(v: float | None, d: int = 2) -> str:
-    return "-" if v is None else f"{v:.{d}f}"
-
-
-def peaks(levels: list[Level]) -> dict[str, Level]:
-    best: dict[str, Level] = {}
-    for lv in levels:
-        if (
-            lv.mode == "closed"
-            and lv.completed
-            and (lv.method not in best or lv.answers_per_s > best[lv.method].answers_per_s)
-        ):
-            best[lv.method] = lv
-    return best
-
-
-def render_markdown(result: dict[str, Any]) -> str:
-    cfg = result["config"]
-    levels = [Level(**{**lv, "outcomes": []}) for lv in result["closed_loop"]]
-    lines = [
-        "# Throughput benchmark: base vs BoN vs vBoN",
-        "",
-        f"Command: `{result['command']}`  ",
-        f"Machine: {result['machine']['cpus']} CPUs ({result['machine']['processor']}), "
-        f"gateway {result['server']['url']} ({result['server']['model']}), "
-        f"{cfg['max_tokens']} max tokens per sample, prompts from {cfg['prompts']}.  ",
-        "Load average (1/5/15 min) at start "
-        + "/".join(f"{x:.1f}" for x in result["machine"]["loadavg_start"])
-        + ", at end "
-        + "/".join(f"{x:.1f}" for x in result["machine"]["loadavg_end"])
-        + f" (on {result['machine']['cpus']} CPUs: above that, other processes competed).  ",
-        f"Date: {result['date']}",
-        "",
-        "## Closed loop (c clients sending back to back)",
-        "",
-    ]
-    rows = [
-        [
-            lv.method,
-            lv.concurrency,
-            lv.completed,
-            lv.errors,
-            _f(lv.answers_per_s, 3),
-            _f(lv.gen_tokens_per_s, 1),
-            _f(lv.tokens_per_request, 1),
-            _f(lv.latency_p50_s),
-            _f(lv.latency_p95_s),
-            _f(lv.latency_p99_s),
-            _f(lv.mean_reward, 3),
-        ]
-        for lv in levels
-    ]
-    lines.append(
-        markdown_table(
-            [
-                "method",
-                "clients",
-                "answers",
-                "errors",
-                "answers/s",
-                "gen tok/s",
-                "tok/answer",
-                "p50 s",
-                "p95 s",
-                "p99 s",
-                "mean reward",
-            ],
-            rows,
-        )
-    )
-    pk = peaks(levels)
-    if pk:
-        base = pk.get("base")
-        lines += ["", "## Peak (best closed-loop level per method)", ""]
-        rows = []
-        for name, lv in pk.items():
-            cost = base.answers_per_s / lv.answers_per_s if base and lv.answers_per_s else None
-            rows.append(
-                [
-                    name,
-                    lv.concurrency,
-                    _f(lv.answers_per_s, 3),
-                    _f(lv.gen_tokens_per_s, 1),
-                    _f(cost, 2),
-                    _f(lv.mean_reward, 3),
-                ]
-            )
-        lines.append(
-            markdown_table(
-                [
-                    "method",
-                    "at clients",
-                    "answers/s",
-                    "gen tok/s",
-                    "cost vs base (x)",
-                    "mean reward",
-                ],
-                rows,
-            )
-        )
-        if "vbon" in pk:
-            speed = [
-                f"{name}: {pk['vbon'].answers_per_s / lv.answers_per_s:.1f}x"
-                for name, lv in pk.items()
-                if name.startswith("bon-") and lv.answers_per_s
-            ]
-            if speed:
-                lines += ["", "vBoN answers/s relative to BoN at peak: " + ", ".join(speed)]
-    if result["open_loop"]:
-        lines += ["", "## Open loop (Poisson arrivals)", ""]
-        rows = [
-            [
-                lv["method"],
-                _f(lv["load"]),
-                _f(lv["rate_rps"], 3),
-                lv["completed"],
-                lv["errors"],
-                _f(lv["answers_per_s"], 3),
-                _f(lv["gen_tokens_per_s"], 1),
-                _f(lv["latency_p50_s"]),
-                _f(lv["latency_p95_s"]),
-                _f(lv["latency_p99_s"]),
-                _f(lv["mean_reward"], 3),
-            ]
-            for lv in result["open_loop"]
-        ]
-        lines.append(
-            markdown_table(
-                [
-                    "method",
-                    "load (x peak)",
-                    "offered req/s",
-                    "answers",
-                    "errors",
-                    "answers/s",
-                    "gen tok/s",
-                    "p50 s",
-                    "p95 s",
-                    "p99 s",
-                    "mean reward",
-                ],
-                rows,
-            )
-        )
-    if result["hf_comparison"]:
-        hf = result["hf_comparison"]
-        lines += [
-            "",
-            "## BoN: gateway vs transformers generate(num_return_sequences=N) + same reward",
-            "",
-            f"Same {hf[0]['prompts']} prompts, N, max tokens ({cfg['max_tokens']}), dtype "
-            f"{result['hf_setup']['dtype']}, {result['hf_setup']['threads']} threads. "
-            "transformers runs one prompt at a time (as TRL's BestOfNSampler did); the gateway "
-            "is measured one prompt at a time (c=1) and with all prompts sent at once.",
-            "",
-        ]
-        rows = [
-            [
-                f"BoN-{r['n']}",
-                _f(r["hf_answers_per_s"], 3),
-                _f(r["hf_gen_tokens_per_s"], 1),
-                _f(r["gw_c1_answers_per_s"], 3),
-                _f(r["gw_all_answers_per_s"], 3),
-                _f(r["gw_all_gen_tokens_per_s"], 1),
-                _f(r["speedup_c1"], 2),
-                _f(r["speedup_all"], 2),
-                _f(r["hf_mean_reward"], 3),
-                _f(r["gw_mean_reward"], 3),
-            ]
-            for r in hf
-        ]
-        lines.append(
-            markdown_table(
-                [
-                    "method",
-                    "transformers answers/s",
-                    "transformers gen tok/s",
-                    "gateway c=1 answers/s",
-                    "gateway all-at-once answers/s",
-                    "gateway all-at-once gen tok/s",
-                    "speed-up c=1 (x)",
-                    "speed-up all-at-once (x)",
-                    "transformers reward",
-                    "gateway reward",
-                ],
-                rows,
-            )
-        )
-    if result.get("notes"):
-        lines += ["", "Notes:", *[f"- {n}" for n in result["notes"]]]
-    return "\n".join(lines) + "\n"
-
-
-def plot(result: dict[str, Any], out: Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    closed = result["closed_loop"]
-    methods = list(dict.fromkeys(lv["method"] for lv in closed))
-    files = []
-    fig, ax = plt.subplots(1, 2, figsize=(11, 4.2))
-    for m in methods:
-        pts = [lv for lv in closed if lv["method"] == m and lv["completed"]]
-        xs = [lv["concurrency"] for lv in pts]
-        ax[0].plot(xs, [lv["answers_per_s"] for lv in pts], marker="o", label=m)
-        ax[1].plot(xs, [lv["gen_tokens_per_s"] for lv in pts], marker="o", label=m)
-    for a, t in zip(ax, ("answers/s", "generated tokens/s"), strict=True):
-        a.set_xscale("log", base=2)
-        a.set_xlabel("concurrent clients")
-        a.set_ylabel(t)
-        a.grid(alpha=0.3)
-    ax[0].set_yscale("log")
-    ax[0].legend()
-    fig.suptitle("Throughput vs concurrency (closed loop)")
-    fig.tight_layout()
-    path = out / "throughput_vs_concurrency.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    files.append(path.name)
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for i, m in enumerate(methods):
-        color = f"C{i}"
-        pts = [lv for lv in closed if lv["method"] == m and lv["completed"]]
-        ax.plot(
-            [lv["answers_per_s"] for lv in pts],
-            [lv["latency_p50_s"] for lv in pts],
-            marker="o",
-            color=color,
-            label=f"{m} p50 (closed)",
-        )
-        ax.plot(
-            [lv["answers_per_s"] for lv in pts],
-            [lv["latency_p95_s"] for lv in pts],
-            ls=":",
-            color=color,
-            alpha=0.7,
-        )
-        op = [lv for lv in result["open_loop"] if lv["method"] == m and lv["completed"]]
-        if op:
-            ax.scatter(
-                [lv["answers_per_s"] for lv in op],
-                [lv["latency_p50_s"] for lv in op],
-                marker="x",
-                s=60,
-                color=color,
-                label=f"{m} p50 (Poisson)",
-            )
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("answers/s")
-    ax.set_ylabel("latency s (solid p50, dotted p95)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    ax.set_title("Latency vs throughput")
-    fig.tight_layout()
-    path = out / "latency_vs_throughput.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    files.append(path.name)
-    return files
-
-
 # -- orchestration ------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -733,45 +401,6 @@ def resolve_config(a: argparse.Namespace) -> dict[str, Any]:
     return cfg
 
 
-def make_placeholder_adapter(folder: Path, model_path: str, rank: int = 16) -> Path:
-    """A random LoRA (rank 16 on all attention and MLP projections, like a trained adapter):
-    it has the speed of a real vBoN adapter, not its quality; the report says so."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    from vbon.adapters import AdapterMeta, staged_folder
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    cfg = LoraConfig(
-        r=rank,
-        lora_alpha=2 * rank,
-        init_lora_weights=False,
-        target_modules=[
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ],
-    )
-    with staged_folder(folder, overwrite=True) as tmp:
-        get_peft_model(model, cfg).save_pretrained(tmp)
-        meta = AdapterMeta(
-            name=folder.name,
-            n=8,
-            beta=1 / 7,
-            base_model=model_path,
-            lora_rank=rank,
-            metrics={"placeholder": "random weights, speed only"},
-        )
-        (tmp / "vbon.json").write_text(meta.model_dump_json(indent=1))
-    return folder
-
-
 def _has_adapters(folder: Path) -> bool:
     return folder.is_dir() and any((p / "vbon.json").is_file() for p in folder.iterdir())
 
@@ -816,12 +445,12 @@ async def run_gateway_phases(
                     await runner.closed(m, c, max(cfg["requests"], c), cfg["level_timeout_s"])
                 )
         open_loop: list[Level] = []
-        pk = peaks(closed)
+        pk = peaks(asdict(lv) for lv in closed)
         for m in methods:
             for load in cfg["poisson_load"]:
                 if m.name not in pk:
                     continue
-                rate = load * pk[m.name].answers_per_s
+                rate = load * pk[m.name]["answers_per_s"]
                 progress.set_description(f"{m.name} poisson {load:g}x")
                 open_loop.append(
                     await runner.poisson(

@@ -7,11 +7,17 @@
 
 Both retry 429 (busy) and 503 (engine loading) with exponential backoff, waiting at least what
 the server's Retry-After asks; every other error raises at once with the server's message.
+
+Layout (the httpx way): each route is built once, by a module-level function that returns a
+`_Request` (method, path, JSON body, how to read the answer); `_BaseClient` holds what both clients
+share (settings, auth headers, the retry decision); `Client` and `AsyncClient` only send, blocking
+or awaited, so each public method is: build the request, send it, read the answer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import email.utils
 import json
 import os
@@ -19,9 +25,10 @@ import random
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import httpx
+from pydantic import BaseModel
 
 from clients.errors import (
     APIError,
@@ -34,6 +41,9 @@ from clients.errors import (
 from clients.types import BoNResult, Completion, ModelList, Ready, VBoNChunk, VBoNResult
 
 DEFAULT_URL = "http://127.0.0.1:8000"
+
+T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
 
 
 def default_url() -> str:
@@ -55,6 +65,7 @@ class RetryPolicy:
         return min(self.max_wait_s, max(backoff, retry_after or 0.0))
 
 
+# -- errors: status -> typed exception -------------------------------------------------------
 def parse_retry_after(value: str | None) -> float | None:
     """Retry-After as seconds (either delta-seconds or an HTTP date)."""
     if not value:
@@ -117,6 +128,87 @@ def _transport_error(exc: httpx.HTTPError, url: str) -> Exception:
     return ConnectionFailed(f"request to {url} failed: {type(exc).__name__}: {exc}")
 
 
+# -- reading answers: JSON -> result types, server-sent events -> events ---------------------
+def _json(resp: httpx.Response) -> Any:
+    return resp.json()
+
+
+def _text(resp: httpx.Response) -> str:
+    return resp.text
+
+
+def _as_is(event: Any) -> Any:
+    return event
+
+
+def _model(model: type[M]) -> Callable[[httpx.Response], M]:
+    """A reader validating the JSON answer as `model`; anything else is a ProtocolError."""
+
+    def read(resp: httpx.Response) -> M:
+        try:
+            return model.model_validate(resp.json())
+        except ValueError as exc:
+            raise ProtocolError(
+                f"unexpected answer from {resp.request.url}: {str(exc)[:300]}"
+            ) from exc
+
+    return read
+
+
+_DONE = object()  # the `data: [DONE]` that ends a stream
+
+
+def _sse_event(line: str) -> Any:
+    """One line of a server-sent event stream: None (not data), _DONE (the end) or the event's
+    JSON; an error event raises as the APIError it names."""
+    if not line.startswith("data:"):
+        return None
+    data = line[5:].strip()
+    if data == "[DONE]":
+        return _DONE
+    obj = json.loads(data)
+    if isinstance(obj, dict) and "error" in obj:
+        raise _stream_error(obj)
+    return obj
+
+
+# -- building requests: one function per route, shared by both clients -----------------------
+@dataclass(frozen=True)
+class _Request(Generic[T]):
+    """One API call: what to send, which statuses are answers and how to `read` the answer."""
+
+    method: str
+    path: str
+    read: Callable[[httpx.Response], T]
+    body: dict[str, Any] | None = None
+    admin: bool = False  # authenticate with the admin key
+    ok: tuple[int, ...] = (200,)
+
+    def streamed(self) -> _Request[T]:
+        """The same call asking for server-sent events ("stream": true in the body)."""
+        return dataclasses.replace(self, body={**(self.body or {}), "stream": True})
+
+
+@dataclass(frozen=True)
+class _Sampling:
+    """The sampling keywords every generating route takes, stated once (the public methods pass
+    them positionally, in this order); None is left out of the body: the server's default."""
+
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+
+    def body(self) -> dict[str, Any]:
+        return _drop_none(dataclasses.asdict(self))
+
+
+def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if v is not None}
+
+
 def _prompt_fields(prompt: str | None, messages: list[dict[str, str]] | None) -> dict[str, Any]:
     if (prompt is None) == (messages is None):
         raise ValueError("give exactly one of prompt (text) or messages (a chat)")
@@ -124,8 +216,7 @@ def _prompt_fields(prompt: str | None, messages: list[dict[str, str]] | None) ->
 
 
 def _adaptive_fields(adaptive: bool | dict[str, Any] | None) -> dict[str, Any]:
-    """`adaptive`: True for the server's default adaptive setting, or a dict of the adaptive
-    fields (wave, stop_at_reward, stop_at_quantile, prune={"at_tokens": [...], "keep": f})."""
+    """The body fields for bon's `adaptive` (see `Client.bon`)."""
     if adaptive is None or adaptive is False:
         return {}
     if adaptive is True:
@@ -133,16 +224,69 @@ def _adaptive_fields(adaptive: bool | dict[str, Any] | None) -> dict[str, Any]:
     return _drop_none(dict(adaptive))
 
 
-def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in d.items() if v is not None}
+_HEALTH = _Request("GET", "/health", _json, ok=(200, 503))
+_READY = _Request("GET", "/ready", _model(Ready), ok=(200, 503))
+_METRICS = _Request("GET", "/metrics", _text)
+_MODELS = _Request("GET", "/v1/models", _model(ModelList))
+_RELOAD_ADAPTERS = _Request("POST", "/admin/adapters/reload", _json, admin=True)
 
 
-def _sse_data(line: str) -> str | None:
-    return line[5:].strip() if line.startswith("data:") else None
+def _bon(
+    prompt: str | None,
+    messages: list[dict[str, str]] | None,
+    n: int,
+    return_candidates: bool,
+    sampling: _Sampling,
+    adaptive: bool | dict[str, Any] | None,
+) -> _Request[BoNResult]:
+    body = {
+        **_prompt_fields(prompt, messages),
+        "n": n,
+        "return_candidates": return_candidates,
+        **sampling.body(),
+        **_adaptive_fields(adaptive),
+    }
+    return _Request("POST", "/v1/bon", _model(BoNResult), body)
 
 
-class _Requests:
-    """Request bodies and response parsing shared by the sync and async clients."""
+def _vbon(
+    prompt: str | None,
+    messages: list[dict[str, str]] | None,
+    adapter: str | None,
+    n: int | None,
+    score: bool,
+    sampling: _Sampling,
+) -> _Request[VBoNResult]:
+    body = {
+        **_prompt_fields(prompt, messages),
+        **_drop_none({"adapter": adapter, "n": n}),
+        "score": score,
+        "stream": False,
+        **sampling.body(),
+    }
+    return _Request("POST", "/v1/vbon", _model(VBoNResult), body)
+
+
+def _completions(
+    model: str, prompt: str | list[str], fields: dict[str, Any]
+) -> _Request[Completion]:
+    body = {"model": model, "prompt": prompt, **_drop_none(fields)}
+    return _Request("POST", "/v1/completions", _model(Completion), body)
+
+
+def _chat_completions(
+    model: str, messages: list[dict[str, str]], fields: dict[str, Any]
+) -> _Request[Completion]:
+    body = {"model": model, "messages": messages, **_drop_none(fields)}
+    return _Request("POST", "/v1/chat/completions", _model(Completion), body)
+
+
+# -- the clients ------------------------------------------------------------------------------
+class _BaseClient:
+    """What the sync and async clients share: settings, building the HTTP request (auth header
+    included) and the retry decision. The subclasses add only the sending."""
+
+    _http: httpx.Client | httpx.AsyncClient
 
     def __init__(
         self,
@@ -159,62 +303,24 @@ class _Requests:
         self.retry = retry or RetryPolicy()
         self.retries_done = 0  # total retries made by this client (the benchmark reports it)
 
-    def headers(self, admin: bool = False) -> dict[str, str]:
-        key = self.admin_key if admin else self.api_key
-        return {"Authorization": f"Bearer {key}"} if key else {}
+    def _build(self, req: _Request[Any]) -> httpx.Request:
+        key = self.admin_key if req.admin else self.api_key
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return self._http.build_request(req.method, req.path, json=req.body, headers=headers)
 
-    @staticmethod
-    def bon_body(
-        prompt, messages, n, return_candidates, sampling, adaptive=None
-    ) -> dict[str, Any]:
-        return {
-            **_prompt_fields(prompt, messages),
-            "n": n,
-            "return_candidates": return_candidates,
-            **_drop_none(sampling),
-            **_adaptive_fields(adaptive),
-        }
-
-    @staticmethod
-    def vbon_body(prompt, messages, adapter, n, score, stream, sampling) -> dict[str, Any]:
-        return {
-            **_prompt_fields(prompt, messages),
-            **_drop_none({"adapter": adapter, "n": n}),
-            "score": score,
-            "stream": stream,
-            **_drop_none(sampling),
-        }
-
-    @staticmethod
-    def parse(model: Any, resp: httpx.Response) -> Any:
-        try:
-            return model.model_validate(resp.json())
-        except ValueError as exc:
-            raise ProtocolError(
-                f"unexpected answer from {resp.request.url}: {str(exc)[:300]}"
-            ) from exc
+    def _retry_wait(self, resp: httpx.Response, attempt: int) -> float:
+        """How long to wait before retrying this error answer (already read); raises its
+        APIError when it is not to be retried (any other status, or retries used up)."""
+        err = api_error(resp)
+        if resp.status_code in self.retry.statuses and attempt < self.retry.max_retries:
+            return self.retry.wait_s(attempt, err.retry_after)
+        raise err
 
 
-def _sampling(
-    max_tokens: int | None,
-    temperature: float | None,
-    top_p: float | None,
-    top_k: int | None,
-    seed: int | None,
-    stop: str | list[str] | None,
-) -> dict[str, Any]:
-    return {
-        "max_tokens": max_tokens,
-        "temperature": temperature,
-        "top_p": top_p,
-        "top_k": top_k,
-        "seed": seed,
-        "stop": stop,
-    }
-
-
-class Client(_Requests):
+class Client(_BaseClient):
     """Blocking client. `sleep` is injectable for tests of the retry policy."""
+
+    _http: httpx.Client
 
     def __init__(
         self,
@@ -241,44 +347,35 @@ class Client(_Requests):
         self.close()
 
     # -- transport --------------------------------------------------------------------------
-    def _send(
-        self, method: str, path: str, *, json_body=None, admin=False, stream=False, ok=(200,)
-    ) -> httpx.Response:
+    def _send(self, req: _Request[Any], stream: bool = False) -> httpx.Response:
         attempt = 0
         while True:
             try:
-                req = self._http.build_request(
-                    method, path, json=json_body, headers=self.headers(admin)
-                )
-                resp = self._http.send(req, stream=stream)
+                resp = self._http.send(self._build(req), stream=stream)
             except httpx.HTTPError as exc:
                 raise _transport_error(exc, self.url) from exc
-            if resp.status_code in ok:
+            if resp.status_code in req.ok:
                 return resp
             if stream:
                 resp.read()
                 resp.close()
-            err = api_error(resp)
-            if resp.status_code in self.retry.statuses and attempt < self.retry.max_retries:
-                self._sleep(self.retry.wait_s(attempt, err.retry_after))
-                attempt += 1
-                self.retries_done += 1
-                continue
-            raise err
+            self._sleep(self._retry_wait(resp, attempt))
+            attempt += 1
+            self.retries_done += 1
 
-    def _sse(self, path: str, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        resp = self._send("POST", path, json_body=body, stream=True)
+    def _call(self, req: _Request[T]) -> T:
+        return req.read(self._send(req))
+
+    def _stream(self, req: _Request[Any], read: Callable[[Any], T]) -> Iterator[T]:
+        """Send `req` streamed; `read` turns each event's JSON into what is yielded."""
+        resp = self._send(req.streamed(), stream=True)
         try:
             for line in resp.iter_lines():
-                data = _sse_data(line)
-                if data is None:
-                    continue
-                if data == "[DONE]":
+                event = _sse_event(line)
+                if event is _DONE:
                     return
-                obj = json.loads(data)
-                if isinstance(obj, dict) and "error" in obj:
-                    raise _stream_error(obj)
-                yield obj
+                if event is not None:
+                    yield read(event)
         except httpx.HTTPError as exc:
             raise _transport_error(exc, self.url) from exc
         finally:
@@ -288,17 +385,19 @@ class Client(_Requests):
     def health(self) -> dict[str, Any]:
         """Liveness: {"status": "ok"}, or {"status": "failed", "reason": ...} (a 503) when the
         server's start-up failed for good."""
-        return self._send("GET", "/health", ok=(200, 503)).json()
+        return self._call(_HEALTH)
 
     def ready(self) -> Ready:
         """Readiness; a 503 (still loading) is an answer here, not an error."""
-        return self.parse(Ready, self._send("GET", "/ready", ok=(200, 503)))
+        return self._call(_READY)
 
     def metrics(self) -> str:
-        return self._send("GET", "/metrics").text
+        """The Prometheus metrics page, as text."""
+        return self._call(_METRICS)
 
     def models(self) -> ModelList:
-        return self.parse(ModelList, self._send("GET", "/v1/models"))
+        """The models the gateway serves (OpenAI /v1/models; `.ids()` lists their ids)."""
+        return self._call(_MODELS)
 
     def bon(
         self,
@@ -315,9 +414,13 @@ class Client(_Requests):
         stop: str | list[str] | None = None,
         adaptive: bool | dict[str, Any] | None = None,
     ) -> BoNResult:
-        s = _sampling(max_tokens, temperature, top_p, top_k, seed, stop)
-        body = self.bon_body(prompt, messages, n, return_candidates, s, adaptive)
-        return self.parse(BoNResult, self._send("POST", "/v1/bon", json_body=body))
+        """Best-of-N (/v1/bon) for a `prompt` (text) or `messages` (a chat): n samples, the one
+        the reward model ranks highest returned. `adaptive`: True for the server's default
+        adaptive setting, or a dict of adaptive fields (wave, stop_at_reward, stop_at_quantile,
+        prune={"at_tokens": [...], "keep": f}). Sampling keywords left None take the server's
+        defaults."""
+        s = _Sampling(max_tokens, temperature, top_p, top_k, seed, stop)
+        return self._call(_bon(prompt, messages, n, return_candidates, s, adaptive))
 
     def vbon(
         self,
@@ -334,9 +437,10 @@ class Client(_Requests):
         seed: int | None = None,
         stop: str | list[str] | None = None,
     ) -> VBoNResult:
-        s = _sampling(max_tokens, temperature, top_p, top_k, seed, stop)
-        body = self.vbon_body(prompt, messages, adapter, n, score, False, s)
-        return self.parse(VBoNResult, self._send("POST", "/v1/vbon", json_body=body))
+        """One sample from a vBoN adapter (/v1/vbon): `adapter` by name, or the one trained for
+        `n`, else the server's default; `score` also asks the reward model for its reward."""
+        s = _Sampling(max_tokens, temperature, top_p, top_k, seed, stop)
+        return self._call(_vbon(prompt, messages, adapter, n, score, s))
 
     def vbon_stream(
         self,
@@ -353,35 +457,38 @@ class Client(_Requests):
         seed: int | None = None,
         stop: str | list[str] | None = None,
     ) -> Iterator[VBoNChunk]:
-        s = _sampling(max_tokens, temperature, top_p, top_k, seed, stop)
-        body = self.vbon_body(prompt, messages, adapter, n, score, True, s)
-        for obj in self._sse("/v1/vbon", body):
-            yield VBoNChunk.model_validate(obj)
+        """`vbon` streamed: text chunks as generated; the last carries finish_reason (and the
+        reward when scored)."""
+        s = _Sampling(max_tokens, temperature, top_p, top_k, seed, stop)
+        req = _vbon(prompt, messages, adapter, n, score, s)
+        yield from self._stream(req, VBoNChunk.model_validate)
 
     def completions(self, model: str, prompt: str | list[str], **fields: Any) -> Completion:
         """OpenAI /v1/completions; `fields` are OpenAI's (max_tokens, best_of, n, seed, ...)."""
-        body = {"model": model, "prompt": prompt, **_drop_none(fields)}
-        return self.parse(Completion, self._send("POST", "/v1/completions", json_body=body))
+        return self._call(_completions(model, prompt, fields))
 
     def chat_completions(
         self, model: str, messages: list[dict[str, str]], **fields: Any
     ) -> Completion:
-        body = {"model": model, "messages": messages, **_drop_none(fields)}
-        return self.parse(Completion, self._send("POST", "/v1/chat/completions", json_body=body))
+        """OpenAI /v1/chat/completions; `fields` are OpenAI's (max_tokens, best_of, n, ...)."""
+        return self._call(_chat_completions(model, messages, fields))
 
     def chat_completions_stream(
         self, model: str, messages: list[dict[str, str]], **fields: Any
     ) -> Iterator[dict[str, Any]]:
-        body = {"model": model, "messages": messages, **_drop_none(fields), "stream": True}
-        yield from self._sse("/v1/chat/completions", body)
+        """`chat_completions` streamed: OpenAI's chunk objects, as dicts."""
+        yield from self._stream(_chat_completions(model, messages, fields), _as_is)
 
     def reload_adapters(self) -> dict[str, Any]:
         """POST /admin/adapters/reload (needs the admin key)."""
-        return self._send("POST", "/admin/adapters/reload", admin=True).json()
+        return self._call(_RELOAD_ADAPTERS)
 
 
-class AsyncClient(_Requests):
-    """The same API for asyncio: `async with AsyncClient(url) as c: await c.bon(...)`."""
+class AsyncClient(_BaseClient):
+    """The same API for asyncio: `async with AsyncClient(url) as c: await c.bon(...)`; each
+    method is documented on `Client`."""
+
+    _http: httpx.AsyncClient
 
     def __init__(
         self,
@@ -411,60 +518,53 @@ class AsyncClient(_Requests):
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
-    async def _send(
-        self, method: str, path: str, *, json_body=None, admin=False, stream=False, ok=(200,)
-    ) -> httpx.Response:
+    # -- transport --------------------------------------------------------------------------
+    async def _send(self, req: _Request[Any], stream: bool = False) -> httpx.Response:
         attempt = 0
         while True:
             try:
-                req = self._http.build_request(
-                    method, path, json=json_body, headers=self.headers(admin)
-                )
-                resp = await self._http.send(req, stream=stream)
+                resp = await self._http.send(self._build(req), stream=stream)
             except httpx.HTTPError as exc:
                 raise _transport_error(exc, self.url) from exc
-            if resp.status_code in ok:
+            if resp.status_code in req.ok:
                 return resp
             if stream:
                 await resp.aread()
                 await resp.aclose()
-            err = api_error(resp)
-            if resp.status_code in self.retry.statuses and attempt < self.retry.max_retries:
-                await self._sleep(self.retry.wait_s(attempt, err.retry_after))
-                attempt += 1
-                self.retries_done += 1
-                continue
-            raise err
+            await self._sleep(self._retry_wait(resp, attempt))
+            attempt += 1
+            self.retries_done += 1
 
-    async def _sse(self, path: str, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        resp = await self._send("POST", path, json_body=body, stream=True)
+    async def _call(self, req: _Request[T]) -> T:
+        return req.read(await self._send(req))
+
+    async def _stream(self, req: _Request[Any], read: Callable[[Any], T]) -> AsyncIterator[T]:
+        """Send `req` streamed; `read` turns each event's JSON into what is yielded."""
+        resp = await self._send(req.streamed(), stream=True)
         try:
             async for line in resp.aiter_lines():
-                data = _sse_data(line)
-                if data is None:
-                    continue
-                if data == "[DONE]":
+                event = _sse_event(line)
+                if event is _DONE:
                     return
-                obj = json.loads(data)
-                if isinstance(obj, dict) and "error" in obj:
-                    raise _stream_error(obj)
-                yield obj
+                if event is not None:
+                    yield read(event)
         except httpx.HTTPError as exc:
             raise _transport_error(exc, self.url) from exc
         finally:
             await resp.aclose()
 
+    # -- routes (documented on Client) ------------------------------------------------------
     async def health(self) -> dict[str, Any]:
-        return (await self._send("GET", "/health", ok=(200, 503))).json()
+        return await self._call(_HEALTH)
 
     async def ready(self) -> Ready:
-        return self.parse(Ready, await self._send("GET", "/ready", ok=(200, 503)))
+        return await self._call(_READY)
 
     async def metrics(self) -> str:
-        return (await self._send("GET", "/metrics")).text
+        return await self._call(_METRICS)
 
     async def models(self) -> ModelList:
-        return self.parse(ModelList, await self._send("GET", "/v1/models"))
+        return await self._call(_MODELS)
 
     async def bon(
         self,
@@ -481,9 +581,8 @@ class AsyncClient(_Requests):
         stop: str | list[str] | None = None,
         adaptive: bool | dict[str, Any] | None = None,
     ) -> BoNResult:
-        s = _sampling(max_tokens, temperature, top_p, top_k, seed, stop)
-        body = self.bon_body(prompt, messages, n, return_candidates, s, adaptive)
-        return self.parse(BoNResult, await self._send("POST", "/v1/bon", json_body=body))
+        s = _Sampling(max_tokens, temperature, top_p, top_k, seed, stop)
+        return await self._call(_bon(prompt, messages, n, return_candidates, s, adaptive))
 
     async def vbon(
         self,
@@ -500,9 +599,8 @@ class AsyncClient(_Requests):
         seed: int | None = None,
         stop: str | list[str] | None = None,
     ) -> VBoNResult:
-        s = _sampling(max_tokens, temperature, top_p, top_k, seed, stop)
-        body = self.vbon_body(prompt, messages, adapter, n, score, False, s)
-        return self.parse(VBoNResult, await self._send("POST", "/v1/vbon", json_body=body))
+        s = _Sampling(max_tokens, temperature, top_p, top_k, seed, stop)
+        return await self._call(_vbon(prompt, messages, adapter, n, score, s))
 
     async def vbon_stream(
         self,
@@ -519,28 +617,24 @@ class AsyncClient(_Requests):
         seed: int | None = None,
         stop: str | list[str] | None = None,
     ) -> AsyncIterator[VBoNChunk]:
-        s = _sampling(max_tokens, temperature, top_p, top_k, seed, stop)
-        body = self.vbon_body(prompt, messages, adapter, n, score, True, s)
-        async for obj in self._sse("/v1/vbon", body):
-            yield VBoNChunk.model_validate(obj)
+        s = _Sampling(max_tokens, temperature, top_p, top_k, seed, stop)
+        req = _vbon(prompt, messages, adapter, n, score, s)
+        async for chunk in self._stream(req, VBoNChunk.model_validate):
+            yield chunk
 
     async def completions(self, model: str, prompt: str | list[str], **fields: Any) -> Completion:
-        body = {"model": model, "prompt": prompt, **_drop_none(fields)}
-        return self.parse(Completion, await self._send("POST", "/v1/completions", json_body=body))
+        return await self._call(_completions(model, prompt, fields))
 
     async def chat_completions(
         self, model: str, messages: list[dict[str, str]], **fields: Any
     ) -> Completion:
-        body = {"model": model, "messages": messages, **_drop_none(fields)}
-        resp = await self._send("POST", "/v1/chat/completions", json_body=body)
-        return self.parse(Completion, resp)
+        return await self._call(_chat_completions(model, messages, fields))
 
     async def chat_completions_stream(
         self, model: str, messages: list[dict[str, str]], **fields: Any
     ) -> AsyncIterator[dict[str, Any]]:
-        body = {"model": model, "messages": messages, **_drop_none(fields), "stream": True}
-        async for obj in self._sse("/v1/chat/completions", body):
-            yield obj
+        async for chunk in self._stream(_chat_completions(model, messages, fields), _as_is):
+            yield chunk
 
     async def reload_adapters(self) -> dict[str, Any]:
-        return (await self._send("POST", "/admin/adapters/reload", admin=True)).json()
+        return await self._call(_RELOAD_ADAPTERS)

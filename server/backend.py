@@ -1,15 +1,14 @@
-"""The generation backend the serving logic talks to: the in-process vLLM AsyncLLM, or a fake
-with the same interface for fast API tests.
+"""The generation backend the serving logic talks to: the in-process vLLM AsyncLLM here, vLLM
+servers over HTTP in server/remote_backend.py (the API tests' fake is tests/fakes.py).
 
-The serving code sees only `GenerationBackend`; the engine is created in the app's lifespan
-(`start`) and reached through app.state, never at import time."""
+The serving code sees only `GenerationBackend` and the errors below; the engine is created in
+the app's lifespan (`start`) and reached through app.state, never at import time."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -21,6 +20,15 @@ logger = logging.getLogger(__name__)
 
 class EngineUnavailable(Exception):
     """The engine is not started, has died, or cannot take requests (-> 503)."""
+
+
+class BackendError(Exception):
+    """The backend failed the request in a way that is neither the client's fault nor "not
+    ready" (e.g. an upstream answered with an error): answered with `status_code` and the
+    error code `code`. Each backend subclasses it, so the serving code never imports one."""
+
+    status_code: int = 502
+    code: str = "backend_error"
 
 
 class InvalidRequest(Exception):
@@ -249,103 +257,3 @@ class VLLMBackend:
         if self._engine is None:
             return 0
         return int(self._engine.get_num_unfinished_requests())
-
-
-class FakeBackend:
-    """Same interface, no model: deterministic words from a seeded RNG. For API tests only;
-    the same paths are covered against the real engine by the integration tests."""
-
-    WORDS = ("good", "bad", "great", "awful", "fine", "film", "plot", "wonderful", "boring", "ok")
-
-    def __init__(self, delay_s: float = 0.0, max_model_len: int = 1024) -> None:
-        self.model_path = "fake-model"
-        self.max_model_len = max_model_len
-        self.delay_s = delay_s
-        self.started = False
-        self.dead = False
-        self.running: set[str] = set()
-        self.calls: list[dict[str, Any]] = []
-
-    async def start(self) -> None:
-        self.started = True
-
-    async def shutdown(self) -> None:
-        self.started = False
-
-    def ready(self) -> bool:
-        return self.started and not self.dead
-
-    def error(self) -> str | None:
-        return None if self.ready() else "engine not started" if not self.started else "dead"
-
-    def fatal(self) -> str | None:
-        return "the engine has died" if self.dead else None
-
-    def count_tokens(self, text: str) -> int:
-        return len(text.split())
-
-    def render_chat(self, messages: list[dict[str, str]]) -> str:
-        return "".join(f"<{m['role']}>{m['content']}\n" for m in messages) + "<assistant>"
-
-    def decode(self, token_ids: list[int]) -> str:
-        return " ".join(self.WORDS[i] for i in token_ids)
-
-    def _sample(self, prompt: str, sampling: Sampling, seed: int | None) -> Sample:
-        rng = random.Random(f"{prompt}|{seed}" if seed is not None else None)
-        k = rng.randint(1, sampling.max_tokens)
-        words = [rng.choice(self.WORDS) for _ in range(k)]
-        return Sample(
-            " ".join(words), k, -float(k), "length" if k == sampling.max_tokens else "stop"
-        )
-
-    def _check(self) -> None:
-        if not self.started or self.dead:
-            raise EngineUnavailable(
-                "the engine has died; the server must be restarted"
-                if self.dead
-                else "the engine is still loading"
-            )
-
-    async def generate(
-        self, prompt: str, sampling: Sampling, n: int, request_id: str, lora: LoraRef | None = None
-    ) -> Generation:
-        self._check()
-        self.calls.append({"prompt": prompt, "sampling": sampling, "n": n, "lora": lora})
-        self.running.add(request_id)
-        try:
-            if self.delay_s:
-                await asyncio.sleep(self.delay_s)
-            self._check()
-            seeds = [None if sampling.seed is None else sampling.seed + i for i in range(n)]
-            return Generation(
-                prompt_tokens=self.count_tokens(prompt),
-                samples=[self._sample(prompt, sampling, s) for s in seeds],
-            )
-        finally:
-            self.running.discard(request_id)
-
-    async def stream(
-        self, prompt: str, sampling: Sampling, request_id: str, lora: LoraRef | None = None
-    ) -> AsyncIterator[Delta]:
-        self._check()
-        self.calls.append({"prompt": prompt, "sampling": sampling, "n": 1, "lora": lora})
-        sample = self._sample(prompt, sampling, sampling.seed)
-        words = sample.text.split(" ")
-        self.running.add(request_id)
-        try:
-            for i, w in enumerate(words):
-                if self.delay_s:
-                    await asyncio.sleep(self.delay_s / len(words))
-                last = i == len(words) - 1
-                yield Delta(
-                    (" " if i else "") + w,
-                    1,
-                    sample.finish_reason if last else None,
-                    sample.cumulative_logprob if last else None,
-                    [self.WORDS.index(w)],
-                )
-        finally:
-            self.running.discard(request_id)
-
-    async def running_requests(self) -> int:
-        return len(self.running)

@@ -37,16 +37,17 @@ from typing import Any
 
 import httpx
 
-from server.backend import Delta, EngineUnavailable, Generation, LoraRef, Sample
+from server.backend import BackendError, Delta, EngineUnavailable, Generation, LoraRef, Sample
 from vbon.sampling import Sampling
 
 logger = logging.getLogger(__name__)
 
 
-class UpstreamError(Exception):
+class UpstreamError(BackendError):
     """An upstream answered with an error or something unusable (-> 502)."""
 
     status_code = 502
+    code = "upstream_error"
 
 
 class UpstreamTimeout(UpstreamError):

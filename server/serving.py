@@ -1,5 +1,6 @@
 """Serving logic behind the routes: prompt rendering, limits, admission, generation, scoring,
-ranking, logging. Routers stay thin; this module holds what BoN and vBoN mean."""
+ranking, logging. Routers stay thin; this module holds what BoN and vBoN mean (what the
+OpenAI-compatible model names mean is server/openai_serving.py, on top of this)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,13 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from server.adapter_registry import AdapterRegistry, AdapterVersion
 from server.adaptive import AdaptiveRun, Outcome, Plan, resolve_plan
 from server.admission import SampleBudget
 from server.backend import (
+    BackendError,
     Delta,
     EngineUnavailable,
     Generation,
@@ -42,7 +45,6 @@ from server.protocol import (
     VBoNRequest,
     VBoNResponse,
 )
-from server.remote_backend import UpstreamError
 from server.reward_reference import RewardReference
 from server.settings import ServerSettings
 from vbon.bon import kl_bound
@@ -173,8 +175,8 @@ class Gateway:
             raise APIError(
                 400, f"the engine refused the request: {exc}", param=exc.param
             ) from exc
-        except UpstreamError as exc:  # remote mode: 502 / 504 naming the upstream
-            raise APIError(exc.status_code, str(exc), code="upstream_error") from exc
+        except BackendError as exc:  # e.g. remote mode: 502 / 504 naming the upstream
+            raise APIError(exc.status_code, str(exc), code=exc.code) from exc
 
     @contextlib.asynccontextmanager
     async def _engine_call(self, samples: int) -> AsyncIterator[None]:
@@ -436,6 +438,14 @@ class Gateway:
             timings=Timings(generation_s=t1 - t0, scoring_s=t2 - t1, total_s=t2 - t0),
         )
 
+    def open_vbon_stream(self, req: VBoNRequest) -> VBoNStream:
+        """/v1/vbon with stream: true, beside `vbon`: the adapter, the prompt, and open_stream's
+        limits and admission, all before the 200."""
+        adapter = self.resolve_adapter(req.adapter, req.n)
+        prompt = self.render(req)
+        sample = self.open_stream(prompt, req.sampling(), "/v1/vbon", adapter.ref)
+        return VBoNStream(sample, self.adapter_info(adapter), req.score)
+
     def open_stream(
         self, prompt: str, sampling: Sampling, route: str, lora: LoraRef | None = None
     ) -> SampleStream:
@@ -502,3 +512,32 @@ class SampleStream:
             self._held = False
             self._gateway.budget.release(1)
             self._gateway.metrics.samples_in_flight.set(self._gateway.budget.in_flight)
+
+
+class VBoNStream:
+    """One streamed /v1/vbon sample as `vbon.chunk`s, each naming the adapter; with `score`,
+    the last one also carries the finished text's reward."""
+
+    def __init__(self, sample: SampleStream, adapter: AdapterInfo, score: bool) -> None:
+        self._sample = sample
+        self._adapter = adapter.model_dump()
+        self._score = score
+        self.id = new_id("vbon")
+
+    async def chunks(self) -> AsyncIterator[dict[str, Any]]:
+        text: list[str] = []
+        async for d in self._sample.deltas():
+            text.append(d.text)
+            chunk: dict[str, Any] = {
+                "id": self.id,
+                "object": "vbon.chunk",
+                "adapter": self._adapter,
+                "text": d.text,
+                "finish_reason": d.finish_reason,
+            }
+            if d.finish_reason is not None and self._score:
+                chunk["reward"] = await self._sample.score("".join(text))
+            yield chunk
+
+    def release(self) -> None:
+        self._sample.release()

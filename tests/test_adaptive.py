@@ -13,11 +13,11 @@ from fastapi.testclient import TestClient
 
 from server.adaptive import Plan, resolve_plan
 from server.admission import SampleBudget
-from server.backend import FakeBackend
 from server.errors import APIError
 from server.protocol import AdaptiveFields, BoNRequest, Prune
 from server.reward_reference import RewardReference
 from server.settings import DEFAULT_ADAPTIVE
+from tests.fakes import FakeBackend
 from tests.test_server_api import make_client
 from vbon.errors import ConfigError
 

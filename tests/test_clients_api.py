@@ -28,9 +28,9 @@ from clients import (
 )
 from clients.cli import main as cli_main
 from server.app import create_app
-from server.backend import FakeBackend
 from server.settings import DEFAULT_ADAPTIVE, ServerSettings
 from tests.adapters_util import make_fake_adapter
+from tests.fakes import FakeBackend
 from tests.server_proc import free_port, serve_in_thread
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -82,7 +82,7 @@ def test_a_reused_lora_slot_serves_the_new_adapter(llm, embedded_model: Path, tm
     from vllm.lora.request import LoRARequest
 
     from tests.adapters_util import make_peft_adapter
-    from trainer.logprobs import completion_logprobs
+    from vbon.logprobs import completion_logprobs
 
     slots = CoreSettings().max_loras
     folders = [
@@ -129,7 +129,7 @@ def test_a_small_adapter_is_applied_in_full(llm, embedded_model: Path, tmp_path)
     from vllm.lora.request import LoRARequest
 
     from tests.adapters_util import make_trained_adapter
-    from trainer.logprobs import completion_logprobs
+    from vbon.logprobs import completion_logprobs
 
     tok = llm.get_tokenizer()
     prompts = [render_task(tok, o) for o in load_prompts(default_prompt_file("eval"))[:4]]

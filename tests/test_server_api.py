@@ -12,9 +12,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from server.app import create_app
-from server.backend import FakeBackend
 from server.settings import ServerSettings
 from tests.adapters_util import make_fake_adapter
+from tests.fakes import FakeBackend
 
 
 def make_client(tmp_path: Path, backend: FakeBackend | None = None, **overrides) -> TestClient:

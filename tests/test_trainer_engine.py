@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 
 from trainer.config import TrainConfig
-from trainer.job import Job, build_rloo_trainer
-from trainer.logprobs import completion_logprobs
+from trainer.jobspec import Job
 from trainer.reference import ReferenceRow, cached_reference, close_llm, store_reference
+from trainer.rloo import build_rloo_trainer
+from vbon.logprobs import completion_logprobs
 from vbon.prompts import default_prompt_file, load_prompts, render_task
 from vbon.rewards import load_reward
 from vbon.sampling import Sampling, vllm_params

@@ -20,7 +20,8 @@ from typing import Any
 import psutil
 import pytest
 
-from trainer.job import SFT_CHUNK, main
+from trainer.job import main
+from trainer.sft_data import SFT_CHUNK
 from vbon.adapters import validate_adapter
 from vbon.sampling import Sampling
 
@@ -275,8 +276,8 @@ def test_advantage_dataset_weights_the_samples_above_the_mean(embedded_model: Pa
     """Weight = log F-hat(r) - the prompt's mean log F-hat, for the samples above the mean."""
     from transformers import AutoTokenizer
 
-    from trainer.job import advantage_dataset
     from trainer.reference import ReferenceRow
+    from trainer.sft_data import advantage_dataset
     from vbon.bon import log_cdf_hat
 
     tok = AutoTokenizer.from_pretrained(embedded_model)
@@ -300,8 +301,8 @@ def test_bon_weighted_dataset_weights_by_win_probability(embedded_model: Path) -
     kept samples; samples under the floor are left out."""
     from transformers import AutoTokenizer
 
-    from trainer.job import BON_WEIGHT_FLOOR, bon_weighted_dataset
     from trainer.reference import ReferenceRow
+    from trainer.sft_data import BON_WEIGHT_FLOOR, bon_weighted_dataset
     from vbon.bon import bon_win_probs
 
     tok = AutoTokenizer.from_pretrained(embedded_model)
@@ -330,8 +331,8 @@ def test_sft_data_keeps_each_prompts_examples_together(embedded_model: Path) -> 
     holds every prompt once, in a seeded order that differs between rounds."""
     from transformers import AutoTokenizer
 
-    from trainer.job import bon_sft_dataset, bon_weighted_dataset
     from trainer.reference import ReferenceRow
+    from trainer.sft_data import bon_sft_dataset, bon_weighted_dataset
     from vbon.prompts import render_task
 
     tok = AutoTokenizer.from_pretrained(embedded_model)
@@ -473,8 +474,8 @@ def test_bon_sft_examples_end_like_the_samples_did(embedded_model: Path) -> None
     at max_tokens (TRL's default appends EOS to every completion), loss on the completion."""
     from transformers import AutoTokenizer
 
-    from trainer.job import bon_sft_dataset
     from trainer.reference import ReferenceRow
+    from trainer.sft_data import bon_sft_dataset
     from vbon.prompts import render_task
 
     tok = AutoTokenizer.from_pretrained(embedded_model)
@@ -504,8 +505,8 @@ def test_bon_sft_rounds_draw_bon_n_from_fresh_partitions(embedded_model: Path) -
 
     from transformers import AutoTokenizer
 
-    from trainer.job import bon_sft_dataset
     from trainer.reference import ReferenceRow
+    from trainer.sft_data import bon_sft_dataset
     from vbon.prompts import render_task
 
     tok = AutoTokenizer.from_pretrained(embedded_model)

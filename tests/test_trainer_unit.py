@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 from trainer.config import TrainConfig, build_parser, parse_config
-from trainer.evaluate import summarise
 from trainer.reference import ReferenceRow, read_reference_file, write_reference_file
 from trainer.rewards import RewardFunction, VBoNReward
 from vbon.bon import beta_for_n, kl_bound, log_cdf_hat
 from vbon.errors import ConfigError
+from vbon.metrics import summarise
 from vbon.sampling import Sampling
 
 
@@ -92,7 +92,7 @@ def test_bad_settings_say_how_to_fix(argv: list[str], needle: str) -> None:
 
 
 def test_optimizer_settings_reach_both_stages() -> None:
-    from trainer.job import training_arguments
+    from trainer.policy import training_arguments
 
     cfg = parse_config(["--adam-beta1", "0.98", "--max-grad-norm", "0.5"])
     args = training_arguments(cfg, 1e-4)
@@ -104,7 +104,7 @@ def test_warm_start_loss_is_checked(tmp_path: Path) -> None:
     assert parse_config([]).warm_start_loss == "bon-weighted"
     # Each loss has its dataset, log name, default epochs and RL steps.
     from trainer.config import VBON_WARM_RL_STEPS, VBON_WARM_START_EPOCHS, WARM_START_LOSSES
-    from trainer.job import WARM_START_DATA
+    from trainer.sft_data import WARM_START_DATA
 
     assert set(WARM_START_DATA) == set(WARM_START_LOSSES) == set(VBON_WARM_START_EPOCHS)
     assert set(VBON_WARM_RL_STEPS) == set(WARM_START_LOSSES)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vbon.vllm_patches import make_lora_ops
+from vbon.vllm_patches.grouped_lora_ops import make_lora_ops
 
 
 @pytest.fixture
@@ -135,7 +135,7 @@ def test_add_lora_linear_matches_its_semantics(
     # rebuilds every layer's fused weights.
     from vllm.lora.model_manager import LoRAModelManager
 
-    import vbon.vllm_patches as patches
+    import vbon.vllm_patches.fused_lora as patches
 
     stub = object.__new__(LoRAModelManager)
     stub._active_adapters = {7: None}
@@ -165,7 +165,7 @@ def test_single_adapter_linear_is_base_plus_adapter(dtype: torch.dtype) -> None:
     import vllm.model_executor.layers.utils as layer_utils
     from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
 
-    import vbon.vllm_patches as patches
+    import vbon.vllm_patches.fused_lora as patches
 
     _install_lora()
     assert hasattr(layer_utils.dispatch_cpu_unquantized_gemm, "_vbon_original")
@@ -222,7 +222,7 @@ def test_single_adapter_linear_is_base_plus_adapter(dtype: torch.dtype) -> None:
 
 
 def test_dense_weights_are_kept_only_with_lora_and_within_budget(monkeypatch) -> None:
-    import vbon.vllm_patches as patches
+    import vbon.vllm_patches.single_adapter_lora as patches
 
     calls = []
     dispatch = patches.dense_keeping_dispatch(lambda layer, rm: calls.append(rm))
@@ -253,7 +253,7 @@ def test_bf16_single_adapter_linear_keeps_deltas_below_the_rounding_step() -> No
     single-adapter path) it survives on average, as it does for peft in float32."""
     import vllm.model_executor.layers.utils as layer_utils
 
-    import vbon.vllm_patches as patches
+    import vbon.vllm_patches.single_adapter_lora as patches
 
     _install_lora()
     dispatch = layer_utils.dispatch_cpu_unquantized_gemm._vbon_original
@@ -297,15 +297,17 @@ def stock_vllm(monkeypatch: pytest.MonkeyPatch) -> dict[str, object]:
     earlier test, or an engine built in this process, may have installed the patches); the
     test's own installs are undone afterwards and the earlier state comes back."""
     import vbon.vllm_patches as patches
+    from vbon.vllm_patches import gate
+    from vbon.vllm_patches import single_adapter_lora as single
 
     stock: dict[str, object] = {}
     for patch in patches.PATCHES.values():
         for target in patch.targets:
             owner, name = target.locate()
-            original = patches._stock(getattr(owner, name))
+            original = gate._stock(getattr(owner, name))
             monkeypatch.setattr(owner, name, original)
             stock[target.qualname] = original
-    monkeypatch.setattr(patches, "_merge_budget_bytes", patches._merge_budget_bytes)
+    monkeypatch.setattr(single, "_merge_budget_bytes", single._merge_budget_bytes)
     return stock
 
 
@@ -338,8 +340,9 @@ def test_an_unverified_vllm_version_is_refused_cleanly(
     """Another vLLM version: no patch at all, every vLLM function untouched, and one WARNING
     naming the version and what stock vLLM means for each patch."""
     import vbon.vllm_patches as patches
+    from vbon.vllm_patches import gate
 
-    monkeypatch.setattr(patches, "vllm_version", lambda: "0.33.0")
+    monkeypatch.setattr(gate, "vllm_version", lambda: "0.33.0")
     with caplog.at_level(logging.INFO, logger="vbon.vllm_patches"):
         done = patches.install(fast_cpu_lora=True, merged_lora_max_gb=2.0)
     assert done == dict.fromkeys(patches.PATCHES, False)
@@ -433,6 +436,7 @@ def test_the_settings_choose_the_lora_patches(
     """VBON_FAST_CPU_LORA off: only the seed fix; VBON_MERGED_LORA_MAX_GB=0: no single-adapter
     GEMM (and a budget of 0). Choosing stock vLLM this way is no warning."""
     import vbon.vllm_patches as patches
+    from vbon.vllm_patches import single_adapter_lora as single
 
     with caplog.at_level(logging.WARNING, logger="vbon.vllm_patches"):
         done = patches.install(fast_cpu_lora=False, merged_lora_max_gb=2.0)
@@ -442,9 +446,9 @@ def test_the_settings_choose_the_lora_patches(
         assert all(current[t.qualname] is stock_vllm[t.qualname] for t in lora)
         done = patches.install(fast_cpu_lora=True, merged_lora_max_gb=0)
         assert done == {**dict.fromkeys(patches.PATCHES, True), "single_adapter_lora": False}
-        assert patches._merge_budget_bytes == 0
+        assert single._merge_budget_bytes == 0
         done = patches.install(fast_cpu_lora=True, merged_lora_max_gb=0.5)
-        assert all(done.values()) and patches._merge_budget_bytes == 2**29
+        assert all(done.values()) and single._merge_budget_bytes == 2**29
     assert _warnings(caplog) == []
 
 
@@ -483,7 +487,7 @@ def test_the_plugin_reads_its_settings_where_vllm_loads_it(
     """register() (run by vLLM in each process it spawns) builds the settings from the
     environment and the .env it inherits and passes them to install(); invalid values there
     mean vLLM's stock LoRA, loudly, and still the seed fix."""
-    import vbon.vllm_patches as patches
+    import vbon.vllm_patches.plugin as patches
 
     calls: list[dict[str, object]] = []
     monkeypatch.setattr(patches, "install", lambda **kw: calls.append(kw) or {})

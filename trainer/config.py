@@ -121,11 +121,11 @@ class TrainConfig:
         metadata={
             "help": "RL optimizer steps (bon-sft: see --sft-epochs). Default after vbon's warm "
             f"start: {VBON_WARM_RL_STEPS['bon-weighted']} for --warm-start-loss bon-weighted "
-            "(held-out KL 1.15 nats at step 24 on this CPU, BoN-8's bound 1.20), "
+            "(the CPU recipe's held-out KL is ~1.15 nats there, under BoN-8's bound of 1.20), "
             f"{VBON_WARM_RL_STEPS['bon-sft']} for the others (from BoN-SFT's ~0.9 nats the "
-            "held-out KL passed the bound by step 8; the training batches' KL, which --max-kl "
-            f"reads, lagged it); else {DEFAULT_STEPS} (the early stops below usually end a CPU "
-            "run first)."
+            "held-out KL passes the bound by step 8, and the training batches' KL that "
+            f"--max-kl reads lags it); else {DEFAULT_STEPS} (the early stops below usually end "
+            "a CPU run first)."
         },
     )
     prompts_per_step: int = field(default=4, metadata={"help": "Prompts per optimizer step."})
@@ -230,8 +230,8 @@ class TrainConfig:
             "same share per root nat); 'shuffled' fills "
             "each batch with examples drawn at random from all prompts; 'by-prompt' keeps a "
             "prompt's examples in one batch (the prompts in a seeded order, anew each epoch): "
-            "steps ~1.6x shorter than shuffled, but its one recipe run came out at 0.50-0.51 "
-            "of share per root nat against 0.55.",
+            "steps ~1.6x shorter than shuffled, but less of BoN-N's gain per root nat "
+            "(0.50-0.51 against 0.55 on the CPU recipe).",
             "choices": SFT_BATCHES,
         },
     )
@@ -243,8 +243,9 @@ class TrainConfig:
             "starts from that adapter; the KL is still to the base model. Default for vbon: "
             f"{VBON_WARM_START_EPOCHS['bon-weighted']:g} for bon-weighted (~7 samples per "
             f"prompt), {VBON_WARM_START_EPOCHS['bon-sft']:g} for bon-sft (2 winners per prompt), "
-            f"{VBON_WARM_START_EPOCHS['advantage']:g} for advantage (on this CPU a warm start "
-            "bought ~2.5x more reward per nat than RL, docs/trainer.md); 0: RL from the base."
+            f"{VBON_WARM_START_EPOCHS['advantage']:g} for advantage (on the CPU recipe a warm "
+            "start buys ~2.5x more reward per nat than RL; docs/trainer.md); 0: RL from the "
+            "base."
         },
     )
     warm_start_loss: str = field(
@@ -312,8 +313,8 @@ class TrainConfig:
         default="vllm",
         metadata={
             "help": "What samples the RL rollouts: vllm (an offline vLLM engine fed the "
-            "current LoRA weights after every step: the gateway's sampler, and rollouts ~1.8x "
-            "faster than TRL's generate on this CPU) or transformers (TRL's own generate).",
+            "current LoRA weights after every step: the gateway's sampler, and on a CPU "
+            "rollouts ~1.8x faster than TRL's generate) or transformers (TRL's own generate).",
             "choices": ROLLOUTS,
         },
     )
@@ -355,7 +356,7 @@ class TrainConfig:
         default=0,
         metadata={
             "help": "Held-out prompts used by the evaluation: the first K (0: all 200 packaged "
-            "ones; the first 64 alone gave shares of BoN's gain 10-20 points above all 200)."
+            "ones; the first 64 alone put the share of BoN's gain 10-20 points above all 200)."
         },
     )
     eval_samples: int = field(

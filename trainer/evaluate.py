@@ -4,8 +4,8 @@ Per held-out prompt: the base model draws `samples` groups of N (base reward = m
 BoN-N = best of each group), the adapter draws `samples` completions (LoRARequest); all under
 vbon.sampling's settings and the gateway's prompt formatting. KL(pi || pi_base) is estimated
 from the adapter's samples as sum_t log pi(y_t) - log pi_base(y_t) with transformers in fp32
-(adapter on / off). Standard errors are across prompts (prompt means), the gain fraction's by
-bootstrap over prompts.
+(adapter on / off, vbon.logprobs). The metrics are vbon.metrics.summarise's: standard errors
+across prompts (prompt means), the gain fraction's by bootstrap over prompts.
 
     python -m trainer.evaluate adapters/vbon-n8 [--write] [--cache-dir runs/cache]
 """
@@ -15,87 +15,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from vbon.bon import kl_bound
 from vbon.errors import ConfigError
+from vbon.metrics import summarise
 from vbon.sampling import Sampling, vllm_params
 
 logger = logging.getLogger(__name__)
-
-
-def mean_se(values: Sequence[float]) -> tuple[float, float]:
-    a = np.asarray(values, dtype=float)
-    if len(a) == 0:
-        return float("nan"), float("nan")
-    se = float(a.std(ddof=1) / math.sqrt(len(a))) if len(a) > 1 else float("nan")
-    return float(a.mean()), se
-
-
-def distinct_2(texts: Sequence[str]) -> float:
-    grams, total = set(), 0
-    for t in texts:
-        words = t.split()
-        pairs = list(zip(words, words[1:], strict=False))
-        grams.update(pairs)
-        total += len(pairs)
-    return len(grams) / total if total else 0.0
-
-
-def summarise(
-    base: list[list[float]],
-    trained: list[list[float]],
-    n: int,
-    kl: list[float],
-    trained_texts: list[str],
-    seed: int = 0,
-) -> dict[str, Any]:
-    """base[p]: the base rewards of prompt p (a multiple of n, in groups of n); trained[p]."""
-    base_a = [np.asarray(b, dtype=float) for b in base]
-    bon = [b.reshape(-1, n).max(axis=1) for b in base_a]
-    base_pm = np.array([b.mean() for b in base_a])
-    bon_pm = np.array([b.mean() for b in bon])
-    tr_pm = np.array([np.mean(t) for t in trained])
-    # Win rate against one base sample of the same prompt (ties count half).
-    wins = []
-    for b, t in zip(base_a, trained, strict=True):
-        for i, r in enumerate(t):
-            o = b[i % len(b)]
-            wins.append(1.0 if r > o else 0.5 if r == o else 0.0)
-
-    def frac(idx: np.ndarray) -> float:
-        denom = bon_pm[idx].mean() - base_pm[idx].mean()
-        return float((tr_pm[idx].mean() - base_pm[idx].mean()) / denom) if denom else float("nan")
-
-    rng = np.random.default_rng(seed)
-    all_idx = np.arange(len(base_pm))
-    boot = [frac(rng.integers(0, len(all_idx), len(all_idx))) for _ in range(2000)]
-    out: dict[str, Any] = {}
-    for key, arr in (("base", base_pm), ("trained", tr_pm), (f"bon{n}", bon_pm)):
-        m, se = mean_se(arr)
-        out[f"reward_{key}"] = round(m, 4)
-        out[f"reward_{key}_se"] = round(se, 4)
-    gain, gain_se = mean_se(tr_pm - base_pm)
-    out["gain_trained"] = round(gain, 4)
-    out["gain_trained_se"] = round(gain_se, 4)
-    out["gain_fraction_of_bon"] = round(frac(all_idx), 4)
-    out["gain_fraction_of_bon_se"] = round(float(np.nanstd(boot, ddof=1)), 4)
-    kl_m, kl_se = mean_se(kl)
-    out["kl_to_base"] = round(kl_m, 4)
-    out["kl_to_base_se"] = round(kl_se, 4)
-    out["kl_bound_bon"] = round(kl_bound(n), 4)
-    wr, wr_se = mean_se(wins)
-    out["win_rate_vs_base"] = round(wr, 4)
-    out["win_rate_vs_base_se"] = round(wr_se, 4)
-    out["distinct_2"] = round(distinct_2(trained_texts), 4)
-    return out
 
 
 def evaluate_adapter(
@@ -118,12 +48,8 @@ def evaluate_adapter(
     the sampling and the reward): every adapter evaluated on one machine is then compared
     with the same base and BoN-N samples (its gain fraction differs from another's by the
     adapters alone), and an evaluation draws only the adapter's samples, ~40 % of the time."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
     from vllm.lora.request import LoRARequest
 
-    from trainer.logprobs import completion_logprobs
     from trainer.reference import (
         build_lora_llm,
         cached_reference,
@@ -133,6 +59,7 @@ def evaluate_adapter(
         scored_rows,
         store_reference,
     )
+    from vbon.logprobs import adapter_logprobs
     from vbon.prompts import render_task
 
     t0 = time.monotonic()
@@ -175,12 +102,8 @@ def evaluate_adapter(
             prompt_ids.append(list(out.prompt_token_ids))
             comp_ids.append(list(c.token_ids))
             tr_texts.append(c.text)
-    base_model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    model = PeftModel.from_pretrained(base_model, str(adapter_dir))
-    model.eval()
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    lp = completion_logprobs(model, prompt_ids, comp_ids, pad_id=pad)
-    lp_ref = completion_logprobs(model, prompt_ids, comp_ids, pad_id=pad, disable_adapter=True)
+    lp, lp_ref = adapter_logprobs(model_path, adapter_dir, prompt_ids, comp_ids, pad_id=pad)
     kl = [a - b for a, b in zip(lp, lp_ref, strict=True)]
     metrics = summarise(base_rewards, tr_rewards, n, kl, tr_texts, seed=seed)
     metrics.update(
@@ -196,7 +119,8 @@ def evaluate_adapter(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from trainer.job import engine_settings_for, versions
+    from trainer.jobspec import engine_settings_for
+    from trainer.provenance import versions
     from vbon.adapters import META_FILE, validate_adapter, write_json_atomic
     from vbon.prompts import default_prompt_file, load_prompts
     from vbon.rewards import load_reward

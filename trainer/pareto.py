@@ -227,8 +227,8 @@ def _score_and_kl(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trainer.logprobs import completion_logprobs
     from trainer.reference import scored_rows
+    from vbon.logprobs import completion_logprobs
 
     rewards = [row.rewards for row in scored_rows(openings, texts, reward)]
     tok = AutoTokenizer.from_pretrained(model_path)
@@ -253,8 +253,8 @@ def pooled(
     base: list[list[float]], trained: list[list[float]], kl: list[list[float]], n: int,
     texts: list[str], seed: int = 0,
 ) -> dict[str, Any]:
-    """trainer.evaluate.summarise over the seeds' samples pooled per prompt."""
-    from trainer.evaluate import summarise
+    """vbon.metrics.summarise over the seeds' samples pooled per prompt."""
+    from vbon.metrics import summarise
 
     flat_kl = [k for per_prompt in kl for k in per_prompt]
     return summarise(base, trained, n, flat_kl, texts, seed=seed)
@@ -263,7 +263,7 @@ def pooled(
 def bon_rows(base: list[list[float]]) -> list[dict[str, Any]]:
     """Base and BoN-N rewards (mean +- SE across prompts) from the pooled base samples; each
     seed's 16 samples split into 16/N groups of N."""
-    from trainer.evaluate import mean_se
+    from vbon.metrics import mean_se
 
     arr = [np.asarray(b, dtype=float) for b in base]
     rows = [{"label": "base", "kind": "base", "n": 1, "kl": 0.0, "kl_se": 0.0,

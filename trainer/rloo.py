@@ -1,4 +1,5 @@
-"""Our RLOOTrainer: TRL's, with two changes that make a step on this CPU shorter.
+"""The RL stage's trainer (vbon and kl-rl): its dataset, and TRL's RLOOTrainer with these
+changes (1 and 2 make a step on this CPU shorter).
 
 1. Rollouts from a vLLM engine when the job sets `trainer.rollouts` (trainer/rollouts.py):
    the serving sampler, current LoRA each step.
@@ -29,12 +30,21 @@
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from trainer.critic import Critic, token_advantages
+from trainer.jobspec import Job
 from trainer.logprobs import completion_logps_and_entropies, completion_logps_and_token_kl
+from trainer.policy import load_policy, lora_config, training_arguments
+from trainer.reference import ReferenceRow
+from trainer.run_folder import CHECKPOINTS
+from vbon.logprobs import completion_logprobs
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 
 def rloo_trainer_class() -> type:
@@ -190,3 +200,113 @@ def rloo_trainer_class() -> type:
             return loss
 
     return VBoNRLOOTrainer
+
+
+def rl_dataset(job: Job, tok: Any, rows: list[ReferenceRow] | None) -> Dataset:
+    """One row per RL prompt: the rendered chat text (exactly what the gateway sends to
+    the engine), the opening (what the reward scores) and, for vbon, the sorted references."""
+    from datasets import Dataset
+
+    from vbon.prompts import render_task
+
+    openings = [r.prompt for r in rows] if rows is not None else job.openings
+    data: dict[str, list] = {
+        "prompt": [render_task(tok, o) for o in openings],
+        "opening": list(openings),
+    }
+    if rows is not None:
+        data["ref_rewards"] = [r.sorted_rewards for r in rows]
+    return Dataset.from_dict(data)
+
+
+def build_rloo_trainer(
+    job: Job,
+    rows: list[ReferenceRow] | None,
+    *,
+    progress: bool = True,
+    init_adapter: Path | None = None,
+) -> tuple[Any, Any]:
+    """The RLOOTrainer of this job (also used by the sampler-consistency test); a fresh LoRA
+    adapter, or `init_adapter`'s weights (the warm start) trained further."""
+    from trl import RLOOConfig
+
+    from trainer.callbacks import JobCallback
+    from trainer.rewards import RewardFunction, VBoNReward
+
+    cfg, s = job.cfg, job.sampling
+    model, tok = load_policy(job)
+    token_kl = cfg.kl_penalty == "token" and cfg.kl_weight > 0
+    args = RLOOConfig(
+        output_dir=str(cfg.run_dir / CHECKPOINTS),
+        per_device_train_batch_size=cfg.prompts_per_step * cfg.completions_per_prompt,
+        gradient_accumulation_steps=1,
+        steps_per_generation=1,
+        num_generations=cfg.completions_per_prompt,
+        num_iterations=1,
+        max_steps=cfg.steps,
+        max_completion_length=s.max_tokens,
+        # The one sampler (vbon.sampling): TRL's own sampling fields, all of them.
+        temperature=s.temperature,
+        top_p=s.top_p,
+        top_k=s.top_k,
+        min_p=None,
+        repetition_penalty=1.0,
+        # --kl-penalty token: the KL goes into our loss (trainer/rloo.py), not TRL's reward.
+        beta=0.0 if token_kl else cfg.kl_weight,
+        normalize_advantages=cfg.normalize_advantages,
+        mask_truncated_completions=False,
+        remove_unused_columns=False,
+        log_completions=False,
+        **training_arguments(cfg, cfg.learning_rate),
+    )
+    if cfg.method == "vbon":
+        reward_fn: RewardFunction = VBoNReward(job.reward, cfg.n, cfg.objective)
+    else:
+        reward_fn = RewardFunction(job.reward)
+    callback = JobCallback(
+        kl_stop=cfg.kl_stop, kl_window=cfg.kl_window, max_minutes=cfg.max_train_minutes,
+        deadline=job.train_deadline, progress=progress,
+    )
+    rollouts = None
+    if cfg.rollouts == "vllm":
+        from trainer.rollouts import VLLMRollouts
+
+        rollouts = VLLMRollouts(
+            model_path=job.model_path,
+            engine_settings=job.engine_settings,
+            sampling=s,
+            lora_rank=cfg.lora_rank,
+            folder=cfg.run_dir / "rollout-lora",
+            seed=cfg.seed,
+        )
+    trainer = rloo_trainer_class()(
+        model=model,
+        reward_funcs=[reward_fn],
+        args=args,
+        train_dataset=rl_dataset(job, tok, rows if cfg.method == "vbon" else None),
+        processing_class=tok,
+        peft_config=lora_config(cfg),
+        callbacks=[callback],
+    )
+    if isinstance(reward_fn, VBoNReward) and cfg.objective == "exact":
+        pad = tok.pad_token_id
+
+        def ref_logprob(prompts, completion_ids):
+            m = trainer.accelerator.unwrap_model(trainer.model)
+            pids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+            return completion_logprobs(m, pids, completion_ids, pad_id=pad, disable_adapter=True)
+
+        reward_fn.ref_logprob = ref_logprob
+    if init_adapter is not None:
+        # Loaded into TRL's fresh adapter rather than handed over as a PeftModel: TRL would
+        # then measure the KL to a frozen copy of the warm start instead of to the base model.
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        weights = load_file(str(init_adapter / "adapter_model.safetensors"))
+        result = set_peft_model_state_dict(trainer.accelerator.unwrap_model(trainer.model), weights)
+        if result.unexpected_keys:
+            raise RuntimeError(f"warm-start adapter does not fit: {result.unexpected_keys[:3]}")
+    trainer.token_kl_beta = cfg.kl_weight if token_kl else None
+    trainer.rollouts = rollouts  # None: TRL's generate; else started and closed by train_stage
+    return trainer, callback

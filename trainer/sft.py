@@ -1,4 +1,5 @@
-"""Our SFTTrainer: TRL's, with the loss computed on the completion positions only.
+"""The SFT trainer of the bon-sft method and of vbon's warm start: TRL's SFTTrainer, with the loss
+computed on the completion positions only, built on the datasets of trainer.sft_data.
 
 TRL's fused LM head exists to avoid materialising (tokens x vocab) logits on a GPU; without
 Triton it projects every position whose label is set and folds each vocabulary tile in many
@@ -15,11 +16,22 @@ of 4 of one prompt together, by-prompt all of them).
 from __future__ import annotations
 
 import contextlib
+import logging
+import math
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import torch
 
+from trainer.jobspec import Job
 from trainer.logprobs import completion_log_softmax
+from trainer.policy import load_policy, lora_config, training_arguments
+from trainer.reference import ReferenceRow
+from trainer.run_folder import CHECKPOINTS
+from trainer.sft_data import WARM_START_DATA, bon_sft_dataset
+
+logger = logging.getLogger(__name__)
 
 
 def completion_nll_sum(
@@ -123,3 +135,61 @@ def weighted_collator(inner: Callable[[list[dict]], dict]) -> Callable[[list[dic
         return batch
 
     return collate
+
+
+def build_sft_trainer(
+    job: Job,
+    rows: list[ReferenceRow],
+    *,
+    progress: bool = True,
+    epochs: float | None = None,
+    output_dir: Path | None = None,
+    save_checkpoints: bool = True,
+    loss: str = "bon-sft",
+) -> tuple[Any, Any]:
+    """BoN-SFT: the bon-sft method, and the warm start of vbon (`epochs`, `output_dir`, and no
+    checkpoints: --resume reuses only a finished warm start; `loss`: --warm-start-loss)."""
+    from trl import SFTConfig
+
+    from trainer.callbacks import JobCallback
+
+    cfg = job.cfg
+    model, tok = load_policy(job)
+    epochs = epochs or cfg.sft_epochs
+    # One round of examples per epoch; a fractional epoch count sees a random part of them
+    # (by-prompt: all of the first rounds and whole prompts of the last).
+    rounds = max(1, math.ceil(epochs))
+    make_data = WARM_START_DATA[loss][0]
+    weighted = make_data is not bon_sft_dataset
+    data = make_data(job, tok, rows, rounds=rounds)
+    batch = cfg.prompts_per_step * cfg.completions_per_prompt
+    steps = max(1, math.ceil(epochs * len(data) / rounds / batch))
+    args = SFTConfig(
+        output_dir=str(output_dir or cfg.run_dir / CHECKPOINTS),
+        per_device_train_batch_size=batch,
+        max_steps=steps,
+        completion_only_loss=True,
+        # by-prompt, prompt-chunks: the dataset's own order (sft_data._prompt_grouped_dataset).
+        train_sampling_strategy="random" if cfg.sft_batches == "shuffled" else "sequential",
+        # Keeps the weight column (not a model input) for our collator.
+        remove_unused_columns=not weighted,
+        **training_arguments(cfg, cfg.sft_learning_rate, checkpoints=save_checkpoints),
+    )
+    callback = JobCallback(
+        kl_stop=None, kl_window=cfg.kl_window, max_minutes=cfg.max_train_minutes,
+        deadline=job.train_deadline, progress=progress,
+    )
+    trainer = sft_trainer_class()(
+        model=model,
+        args=args,
+        train_dataset=data,
+        processing_class=tok,
+        peft_config=lora_config(cfg),
+        callbacks=[callback],
+    )
+    trainer.kl_coef = cfg.sft_kl_coef
+    logger.info("SFT: %d examples, %d steps of %d, %s order (--sft-batches %s)", len(data),
+                steps, batch, trainer.args.train_sampling_strategy, cfg.sft_batches)
+    if weighted:
+        trainer.data_collator = weighted_collator(trainer.data_collator)
+    return trainer, callback

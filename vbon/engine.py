@@ -1,5 +1,5 @@
 """The one place that turns settings into a vLLM engine, for the gateway (AsyncLLM), the
-trainer's reference sampling and the clients' evaluation (offline LLM).
+trainer's reference sampling and the evaluation, vbon.evaluation (offline LLM).
 
 CPU specifics live here as settings (thread binding, KV cache size, eager mode, preloads);
 the code paths are the same on a GPU.

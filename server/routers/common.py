@@ -1,15 +1,17 @@
-"""What every router needs: the gateway from app.state, and running a handler so that a
-client that goes away aborts its engine request."""
+"""What every router needs: the gateway from app.state, running a handler so that a client
+that goes away aborts its engine request, and the server-sent-events framing of a stream."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
-from collections.abc import Awaitable
-from typing import TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 from fastapi import Request
+from fastapi.responses import StreamingResponse
+from starlette.background import BackgroundTask
 
 from server.errors import APIError, ClientDisconnected, error_body
 from server.serving import Gateway
@@ -38,6 +40,27 @@ def sse_error(exc: APIError) -> str:
     """An error after the stream started (the status line is gone): the error shape as an
     event, followed by the usual [DONE]."""
     return sse(error_body(exc.status, exc.message, exc.param, exc.code))
+
+
+def sse_response(
+    chunks: AsyncIterator[dict[str, Any]], release: Callable[[], None]
+) -> StreamingResponse:
+    """A stream's chunks as server-sent events, an error after the 200 as an error event, then
+    [DONE]. `release` (the stream's admission) also runs as the response's background task: a
+    response that never starts its body never runs the generator's `finally`. Starlette
+    cancels the body when the client disconnects, which aborts the engine request."""
+
+    async def events() -> AsyncIterator[str]:
+        try:
+            async for chunk in chunks:
+                yield sse(chunk)
+        except APIError as exc:
+            yield sse_error(exc)
+        yield sse("[DONE]")
+
+    return StreamingResponse(
+        events(), media_type="text/event-stream", background=BackgroundTask(release)
+    )
 
 
 async def until_disconnect(request: Request) -> None:

@@ -1,241 +1,29 @@
-"""OpenAI-compatible routes: /v1/models, /v1/completions, /v1/chat/completions.
-
-`model` picks what answers: the base model, BoN ('bon' with best_of, or 'bon-<N>'), adaptive
-BoN ('bon-<N>-adaptive': at most N samples, the server's default early exit and pruning), or a vBoN
-adapter (its name, 'vbon' for the default, 'vbon-<N>' for the adapter trained for N)."""
+"""OpenAI-compatible routes: /v1/models, /v1/completions, /v1/chat/completions. HTTP only: what
+the model names mean and how choices and chunks are built is server/openai_serving.py."""
 
 from __future__ import annotations
 
-import re
-import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
-
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
-from starlette.background import BackgroundTask
 
-from server.adapter_registry import AdapterVersion
-from server.errors import (
-    GENERATION_ERRORS,
-    STREAM_RESPONSE,
-    APIError,
-    error_responses,
-)
+from server import openai_serving
+from server.errors import GENERATION_ERRORS, STREAM_RESPONSE, error_responses
 from server.openai_protocol import (
-    BoNInfo,
-    ChatChoice,
     ChatCompletionRequest,
     ChatCompletionResponse,
-    ChatMessageOut,
-    CompletionChoice,
     CompletionRequest,
     CompletionResponse,
-    ModelCard,
     ModelList,
-    _OpenAIBase,
 )
-from server.protocol import AdaptiveFields, Usage
-from server.routers.common import abort_on_disconnect, get_gateway, sse, sse_error
-from server.serving import Gateway, new_id
-from vbon.bon import kl_bound
+from server.routers.common import abort_on_disconnect, get_gateway, sse_response
+from server.serving import Gateway
 
 router = APIRouter(tags=["openai"])
-BON_RE = re.compile(r"^bon-(\d+)$")
-BON_ADAPTIVE_RE = re.compile(r"^bon-(\d+)-adaptive$")
-VBON_RE = re.compile(r"^vbon-(\d+)$")
-DEFAULT_BON_N = 8
-
-
-@dataclass
-class Target:
-    kind: str  # "base" | "bon" | "vbon"
-    n: int  # samples to draw (at most, when adaptive)
-    adapter: AdapterVersion | None = None
-    adaptive: bool = False  # the server's default adaptive setting (VBON_ADAPTIVE_DEFAULT)
-
-
-def resolve_target(gateway: Gateway, req: _OpenAIBase) -> Target:
-    model, best_of = req.model, req.best_of
-    if model == gateway.model_name:
-        n = best_of or req.n
-        return Target("bon" if best_of and best_of > 1 else "base", n)
-    if m := BON_ADAPTIVE_RE.match(model):
-        n = int(m.group(1))
-        if best_of is not None and best_of != n:
-            raise APIError(
-                400,
-                f"model '{model}' means best_of={n} (at most); drop best_of or make it {n}",
-                param="best_of",
-            )
-        if req.n != 1:
-            raise APIError(
-                400,
-                f"model '{model}' returns one choice (its candidates stop early): n must be 1",
-                param="n",
-            )
-        return Target("bon", n, adaptive=True)
-    if model == "bon" or BON_RE.match(model):
-        m = BON_RE.match(model)
-        n = int(m.group(1)) if m else (best_of or DEFAULT_BON_N)
-        if m and best_of and best_of != n:
-            raise APIError(
-                400,
-                f"model '{model}' means best_of={n}; drop best_of or make it {n}",
-                param="best_of",
-            )
-        if n < req.n:
-            raise APIError(
-                400, f"model '{model}' draws {n} samples, fewer than n={req.n}", param="n"
-            )
-        return Target("bon", n)
-    try:
-        if model == "vbon":
-            adapter = gateway.registry.default()
-        elif m := VBON_RE.match(model):
-            adapter = gateway.registry.for_n(int(m.group(1)))
-        else:
-            adapter = gateway.registry.get(model)
-    except (LookupError, ValueError):
-        names = [c.id for c in list_models(gateway).data]
-        raise APIError(
-            404,
-            f"the model '{model}' does not exist; served: {names}",
-            param="model",
-            code="model_not_found",
-        ) from None
-    n = best_of or req.n
-    return Target("vbon", n, adapter)
-
-
-def list_models(gateway: Gateway) -> ModelList:
-    now = int(time.time())
-    cards = [
-        ModelCard(id=gateway.model_name, created=now, kind="base"),
-        ModelCard(id="bon", created=now, kind="bon", n=DEFAULT_BON_N, parent=gateway.model_name),
-    ]
-    for n in (4, 8, 16, 32):
-        if n <= gateway.settings.max_n:
-            cards.append(
-                ModelCard(id=f"bon-{n}", created=now, kind="bon", n=n, parent=gateway.model_name)
-            )
-    # Adaptive best-of-N needs the in-process engine.
-    if gateway.settings.backend == "local":
-        for n in (4, 8, 16, 32):
-            if n <= gateway.settings.max_n:
-                cards.append(
-                    ModelCard(id=f"bon-{n}-adaptive", created=now, kind="bon-adaptive", n=n,
-                              parent=gateway.model_name)
-                )
-    for v in gateway.registry.all():
-        cards.append(
-            ModelCard(
-                id=v.name,
-                created=now,
-                kind="vbon",
-                n=v.meta.n,
-                beta=v.meta.beta,
-                parent=gateway.model_name,
-            )
-        )
-    # vbon-<N>: the adapter that serves N now (a user-trained one before a shipped one).
-    for n in sorted({v.meta.n for v in gateway.registry.all() if v.meta.method == "vbon"
-                     and v.meta.n}):
-        chosen = gateway.registry.for_n(n)
-        cards.append(
-            ModelCard(id=f"vbon-{n}", created=now, kind="vbon", n=n, beta=chosen.meta.beta,
-                      parent=chosen.name)
-        )
-    return ModelList(data=cards)
 
 
 @router.get("/v1/models", response_model=ModelList, responses=error_responses(401, 503))
 async def models(gateway: Gateway = Depends(get_gateway)) -> ModelList:
-    return list_models(gateway)
-
-
-async def _choices(
-    gateway: Gateway, req: _OpenAIBase, prompt: str, target: Target, route: str
-) -> tuple[list[dict], int, int, BoNInfo | None]:
-    """(choices as text/finish_reason/reward, prompt tokens, completion tokens, best-of info)
-    for one prompt."""
-    sampling = req.sampling()
-    prompt_tokens = gateway.check_limits(prompt, sampling, target.n)
-    lora = target.adapter.ref if target.adapter else None
-    if target.adaptive:
-        plan = gateway.adaptive_plan(AdaptiveFields(), target.n, sampling, use_default=True)
-        assert plan is not None
-        out = await gateway.adaptive_best_of(prompt, prompt_tokens, sampling, plan, route)
-        best = out.best
-        choices = [
-            {"text": best.text, "finish_reason": best.finish_reason, "reward": best.reward}
-        ]
-        info = BoNInfo(n=target.n, adaptive=gateway.adaptive_info(plan, out))
-        return choices, out.prompt_tokens, out.completion_tokens, info
-    if target.kind == "bon" or (req.best_of or 1) > 1:
-        scored = await gateway.best_of(prompt, sampling, target.n, route, lora)
-        gen = scored.generation
-        picked = scored.order[: req.n]
-        choices = [
-            {
-                "text": gen.samples[i].text,
-                "finish_reason": gen.samples[i].finish_reason,
-                "reward": scored.rewards[i],
-            }
-            for i in picked
-        ]
-        info = BoNInfo(n=target.n, kl_bound=kl_bound(target.n))
-    else:
-        gen = await gateway.generate(prompt, sampling, target.n, route, lora)
-        choices = [{"text": s.text, "finish_reason": s.finish_reason} for s in gen.samples]
-        info = None
-    completion = sum(s.tokens for s in gen.samples)
-    return choices, gen.prompt_tokens, completion, info
-
-
-def _stream(
-    gateway: Gateway, req: _OpenAIBase, prompt: str, target: Target, chat: bool
-) -> StreamingResponse:
-    if target.kind == "bon":  # (the answer is known only once every candidate is scored)
-        raise APIError(
-            400,
-            f"stream is not supported with the best-of model '{req.model}': drop stream",
-            param="stream",
-        )
-    lora = target.adapter.ref if target.adapter else None
-    route = "/v1/chat/completions" if chat else "/v1/completions"
-    stream = gateway.open_stream(prompt, req.sampling(), route, lora)
-    rid = new_id("chatcmpl" if chat else "cmpl")
-    created = int(time.time())
-    obj = "chat.completion.chunk" if chat else "text_completion"
-
-    def chunk(text: str | None, finish: str | None, first: bool = False) -> str:
-        if chat:
-            delta: dict = {}
-            if first:
-                delta["role"] = "assistant"
-            if text:
-                delta["content"] = text
-            choice = {"index": 0, "delta": delta, "finish_reason": finish}
-        else:
-            choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
-        return sse(
-            {"id": rid, "object": obj, "created": created, "model": req.model, "choices": [choice]}
-        )
-
-    async def events() -> AsyncIterator[str]:
-        if chat:
-            yield chunk(None, None, first=True)
-        try:
-            async for d in stream.deltas():
-                yield chunk(d.text, d.finish_reason)
-        except APIError as exc:
-            yield sse_error(exc)
-        yield sse("[DONE]")
-
-    return StreamingResponse(
-        events(), media_type="text/event-stream", background=BackgroundTask(stream.release)
-    )
+    return openai_serving.list_models(gateway)
 
 
 @router.post(
@@ -246,31 +34,14 @@ def _stream(
 )
 async def completions(
     body: CompletionRequest, request: Request, gateway: Gateway = Depends(get_gateway)
-):
-    target = resolve_target(gateway, body)
+) -> CompletionResponse | StreamingResponse:
+    target = openai_serving.resolve_target(gateway, body)
     if body.stream:
-        return _stream(gateway, body, body.prompts()[0], target, chat=False)
-
-    async def work() -> CompletionResponse:
-        choices: list[CompletionChoice] = []
-        p_tok, c_tok, info = 0, 0, None
-        async with gateway.deadline().guard():  # one limit for all the prompts together
-            for prompt in body.prompts():
-                cs, p, c, info = await _choices(gateway, body, prompt, target, "/v1/completions")
-                choices += [
-                    CompletionChoice(index=len(choices) + i, **ch) for i, ch in enumerate(cs)
-                ]
-                p_tok, c_tok = p_tok + p, c_tok + c
-        return CompletionResponse(
-            id=new_id("cmpl"),
-            created=int(time.time()),
-            model=body.model,
-            choices=choices,
-            usage=Usage.of(p_tok, c_tok),
-            bon=info,
+        stream = openai_serving.open_completion_stream(
+            gateway, body, body.prompts()[0], target, chat=False
         )
-
-    return await abort_on_disconnect(request, work())
+        return sse_response(stream.chunks(), stream.release)
+    return await abort_on_disconnect(request, openai_serving.completion(gateway, body, target))
 
 
 @router.post(
@@ -281,32 +52,12 @@ async def completions(
 )
 async def chat_completions(
     body: ChatCompletionRequest, request: Request, gateway: Gateway = Depends(get_gateway)
-):
-    target = resolve_target(gateway, body)
-    prompt = gateway.backend.render_chat([m.model_dump() for m in body.messages])
+) -> ChatCompletionResponse | StreamingResponse:
+    target = openai_serving.resolve_target(gateway, body)
+    prompt = openai_serving.chat_prompt(gateway, body)
     if body.stream:
-        return _stream(gateway, body, prompt, target, chat=True)
-
-    async def work() -> ChatCompletionResponse:
-        async with gateway.deadline().guard():
-            cs, p, c, info = await _choices(
-                gateway, body, prompt, target, "/v1/chat/completions"
-            )
-        return ChatCompletionResponse(
-            id=new_id("chatcmpl"),
-            created=int(time.time()),
-            model=body.model,
-            choices=[
-                ChatChoice(
-                    index=i,
-                    message=ChatMessageOut(content=ch["text"]),
-                    finish_reason=ch["finish_reason"],
-                    reward=ch.get("reward"),
-                )
-                for i, ch in enumerate(cs)
-            ],
-            usage=Usage.of(p, c),
-            bon=info,
-        )
-
-    return await abort_on_disconnect(request, work())
+        stream = openai_serving.open_completion_stream(gateway, body, prompt, target, chat=True)
+        return sse_response(stream.chunks(), stream.release)
+    return await abort_on_disconnect(
+        request, openai_serving.chat_completion(gateway, body, prompt, target)
+    )

@@ -9,8 +9,8 @@ import os
 
 from server.__main__ import serve
 from server.app import create_app
-from server.backend import FakeBackend
 from server.settings import ServerSettings
+from tests.fakes import FakeBackend
 from vbon.settings import load_settings
 
 if __name__ == "__main__":

@@ -24,9 +24,9 @@ from hypothesis import HealthCheck, settings
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from server.app import create_app
-from server.backend import FakeBackend
 from server.settings import ServerSettings
 from tests.adapters_util import make_fake_adapter
+from tests.fakes import FakeBackend
 from tests.server_proc import serve_in_thread
 
 EXAMPLES = int(os.environ.get("VBON_FUZZ_EXAMPLES", "25"))

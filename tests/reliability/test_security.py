@@ -15,9 +15,9 @@ from fastapi.testclient import TestClient
 from starlette.routing import Route
 
 from server.app import create_app
-from server.backend import FakeBackend
 from server.settings import ServerSettings
 from tests.adapters_util import make_fake_adapter
+from tests.fakes import FakeBackend
 
 API_KEY = "sk-vbon-SECRET-7f3a9c1e55"
 ADMIN_KEY = "adm-vbon-SECRET-91c2d0b7aa"

@@ -1,6 +1,7 @@
-"""Writing a run's results (JSON, markdown table, PNG plots): shared by the benchmark, the
-evaluation and the trainer's Pareto comparison. JSON and markdown are replaced atomically, so a
-killed run never leaves half a file."""
+"""Writing a run's results (JSON, markdown table, PNG plots) and what they were measured on:
+shared by the benchmark, the evaluations and the trainer's Pareto comparison. JSON and markdown
+are replaced atomically, so a killed run never leaves half a file. The benchmark's and the
+quality evaluation's own markdown and plots are the submodules bench and evaluation."""
 
 from __future__ import annotations
 
