@@ -367,7 +367,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="when starting the gateway: its VBON_ADAPTERS_DIR (default: adapters); "
         "with none installed, a random placeholder LoRA is made for vBoN's speed",
     )
-    p.add_argument("--out", default=None, help="output folder (default runs/bench-<time>)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="output folder (default docs/results/bench; with --quick runs/bench-<time>)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -499,7 +503,8 @@ def _main(args: argparse.Namespace) -> int:
     prompts = load_prompts(prompt_file)
     cfg["prompts"] = prompt_file
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    out = Path(args.out or f"runs/bench-{stamp}")
+    # A full run is a result people compare (docs/results); a quick one is not.
+    out = Path(args.out or (f"runs/bench-{stamp}" if args.quick else "docs/results/bench"))
     out.mkdir(parents=True, exist_ok=True)
     notes: list[str] = []
     if args.url and not re.match(r"^https?://(127\.0\.0\.1|localhost|\[::1\])(:\d+)?/?$", args.url):

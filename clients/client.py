@@ -20,7 +20,6 @@ import asyncio
 import dataclasses
 import email.utils
 import json
-import os
 import random
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -38,16 +37,15 @@ from clients.errors import (
     ServerError,
     error_class,
 )
+from clients.settings import ClientSettings
 from clients.types import BoNResult, Completion, ModelList, Ready, VBoNChunk, VBoNResult
-
-DEFAULT_URL = "http://127.0.0.1:8000"
 
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
 
 
 def default_url() -> str:
-    return os.environ.get("VBON_URL", DEFAULT_URL)
+    return ClientSettings().url
 
 
 @dataclass
@@ -297,8 +295,9 @@ class _BaseClient:
         retry: RetryPolicy | None,
     ) -> None:
         self.url = (url or default_url()).rstrip("/")
-        self.api_key = api_key if api_key is not None else os.environ.get("VBON_API_KEY")
-        self.admin_key = admin_key if admin_key is not None else os.environ.get("VBON_ADMIN_KEY")
+        env = ClientSettings()
+        self.api_key = api_key if api_key is not None else env.api_key
+        self.admin_key = admin_key if admin_key is not None else env.admin_key
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
         self.retries_done = 0  # total retries made by this client (the benchmark reports it)

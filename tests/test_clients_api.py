@@ -400,3 +400,20 @@ def test_health_reports_failed_start_up() -> None:
         with pytest.raises(ServiceUnavailable, match="HTTP 503"):
             c.models()  # not an error body: the status line and the text are the message
     assert len(sleeps) == 3  # models() retried 503 three times; health() did not
+
+
+def test_clients_read_url_and_keys_from_their_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    from clients import Client
+    from clients.settings import DEFAULT_URL
+
+    monkeypatch.delenv("VBON_URL", raising=False)
+    monkeypatch.delenv("VBON_API_KEY", raising=False)
+    with Client() as c:
+        assert c.url == DEFAULT_URL and c.api_key is None
+    monkeypatch.setenv("VBON_URL", "http://gateway.example:9000/")
+    monkeypatch.setenv("VBON_API_KEY", "k-env")
+    monkeypatch.setenv("VBON_MAX_N", "not-a-number")  # the server's settings are not ours
+    with Client() as c:
+        assert c.url == "http://gateway.example:9000" and c.api_key == "k-env"
+    with Client(api_key="k-arg") as c:
+        assert c.api_key == "k-arg"

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from vbon.metrics import mean_se, none_if_nan, pareto_front, win
-from vbon.report import write_report
+from vbon.report import machine_line, machine_stamp, write_report
 from vbon.report.evaluation import plot, render_markdown
 
 EXIT_ERROR = 1
@@ -254,7 +254,11 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     )
     p.add_argument("--tiny", action="store_true", help="a smoke run: few prompts, small N")
     p.add_argument("--seed", type=int, default=0, help="engine seed")
-    p.add_argument("--out", default=None, help="output folder (default runs/eval-<time>)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="output folder (default docs/results/eval; with --tiny runs/eval-<time>)",
+    )
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
@@ -308,7 +312,9 @@ def _main(args: argparse.Namespace, command: list[str]) -> int:
     from tqdm import tqdm
 
     cfg = resolve_config(args)
-    out = Path(args.out or f"runs/eval-{time.strftime('%Y%m%d-%H%M%S')}")
+    # A real run is a result people compare (docs/results); a smoke run is not.
+    smoke = f"runs/eval-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = Path(args.out or (smoke if args.tiny else "docs/results/eval"))
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     n_adapters = sum(1 for p in Path(cfg["adapters_dir"]).glob("*/vbon.json"))
@@ -321,6 +327,7 @@ def _main(args: argparse.Namespace, command: list[str]) -> int:
             r[flag] = i in front
     result = {
         "command": " ".join(command),
+        "machine": machine_line(machine_stamp()),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "duration_s": time.perf_counter() - t0,
         "config": cfg,

@@ -25,7 +25,8 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"Model {result['model']} ({result['dtype']}), reward {result['reward'].get('backend')}"
         f", {result['prompts']} prompts from {cfg['prompts']}, {cfg['max_tokens']} max tokens, "
         f"one sample per prompt and policy.  ",
-        f"Date: {result['date']}",
+        f"Date: {result['date']}"
+        + (f"; machine: {result['machine']}" if "machine" in result else ""),
         "",
     ]
     rows = []
