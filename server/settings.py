@@ -50,7 +50,6 @@ class ServerSettings(CoreSettings):
         None, description="Bearer key for /admin routes (adapter reload); unset = admin off."
     )
     cors_origins: list[str] = Field(default_factory=list, description="CORS origins; off if empty.")
-    adapters_dir: Path = Field(Path("adapters"), description="Where vBoN adapters are installed.")
     default_adapter: str | None = Field(
         None,
         description="Adapter for /v1/vbon when a request names none; default: the vBoN-8 "

@@ -36,6 +36,7 @@ from typing import Any
 from vbon.metrics import mean_se, none_if_nan, pareto_front, win
 from vbon.report import machine_line, machine_stamp, write_report
 from vbon.report.evaluation import plot, render_markdown
+from vbon.settings import CoreSettings
 
 EXIT_ERROR = 1
 PROG = "python -m vbon.evaluation"
@@ -119,7 +120,6 @@ def evaluate(cfg: dict[str, Any], progress: Any) -> dict[str, Any]:
     from vbon.logprobs import adapter_logprobs
     from vbon.prompts import load_prompts, render_task
     from vbon.sampling import Sampling, vllm_params
-    from vbon.settings import CoreSettings
 
     notes: list[str] = []
     core = CoreSettings()
@@ -264,7 +264,6 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
 
 
 def resolve_config(a: argparse.Namespace) -> dict[str, Any]:
-    import os
 
     from vbon.prompts import default_prompt_file
     from vbon.sampling import DEFAULT_MAX_TOKENS
@@ -285,7 +284,7 @@ def resolve_config(a: argparse.Namespace) -> dict[str, Any]:
         "limit": limit,
         "ns": ns,
         "max_tokens": max_tokens,
-        "adapters_dir": a.adapters_dir or os.environ.get("VBON_ADAPTERS_DIR", "adapters"),
+        "adapters_dir": a.adapters_dir or str(CoreSettings().adapters_dir),
         "seed": a.seed,
         "tiny": a.tiny,
     }

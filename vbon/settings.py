@@ -49,6 +49,11 @@ class CoreSettings(VllmPatchSettings):
         "Hugging Face folder, or a hub id where the network allows.",
     )
     models_dir: Path = Field(Path("models"), description="Where the embedded model is converted.")
+    adapters_dir: Path = Field(
+        Path("adapters"),
+        description="Where vBoN adapters are installed (served by the gateway, evaluated by "
+        "the evaluation).",
+    )
     reward: str = Field(
         "vader",
         description="Reward model: 'vader' or a Hugging Face sequence-classification folder.",
