@@ -14,6 +14,28 @@ STAMP="$VENV/.vbon-installed"
 # The stamp records what was installed; a changed pyproject or profile reinstalls.
 WANT="$PROFILE $(sha256sum pyproject.toml scripts/install.sh | sha256sum | cut -c1-16)"
 
+# The playground's browser test (tests/test_playground.py) drives Debian's chromium, which pip
+# cannot install: apt does, when it is missing and this runs as root. Not fatal: without it
+# only that test fails, and its message says how to install it.
+install_chromium() {
+    [[ -x /usr/bin/chromium && -x /usr/bin/chromedriver ]] && return 0
+    if [[ "$(id -u)" != 0 ]] || ! command -v apt-get >/dev/null 2>&1; then
+        echo "install: chromium missing (tests/test_playground.py needs it): as root run" \
+            "'apt-get install chromium chromium-driver fonts-liberation'" >&2
+        return 0
+    fi
+    echo "install: chromium, chromium-driver (apt)"
+    # A fresh image may have no package lists: update only then.
+    if ! apt-cache show chromium-driver >/dev/null 2>&1; then
+        DEBIAN_FRONTEND=noninteractive apt-get update -qq || true
+    fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        chromium chromium-driver fonts-liberation >/dev/null \
+        || echo "install: apt-get could not install chromium; tests/test_playground.py" \
+            "fails until it is installed" >&2
+}
+install_chromium
+
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" ]]; then
     echo "install: .venv is up to date ($PROFILE)"
     exit 0

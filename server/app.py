@@ -18,7 +18,7 @@ from server.bon_log import BoNLog, load_redactor
 from server.errors import install_error_handlers
 from server.metrics import Metrics
 from server.middleware import AuthMiddleware, BodyLimitMiddleware, MetricsMiddleware
-from server.routers import admin, bon, health, openai, vbon
+from server.routers import admin, bon, health, openai, playground, vbon
 from server.serving import Gateway
 from server.settings import ServerSettings
 from vbon.rewards.base import RewardModel
@@ -103,7 +103,9 @@ def create_app(
             loader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await loader
-            app.state.gateway = None
+            gateway, app.state.gateway = app.state.gateway, None
+            if gateway is not None and gateway.shadow is not None:
+                await gateway.shadow.close()  # shadow work is aborted before the engine stops
             if "watcher" in parts:
                 parts["watcher"].cancel()
             if "bon_log" in parts:
@@ -125,6 +127,8 @@ def create_app(
     install_error_handlers(app, {k: v for k, (v, _) in settings.request_caps().items()})
     for r in (health.router, bon.router, vbon.router, openai.router, admin.router):
         app.include_router(r)
+    if settings.playground:
+        app.include_router(playground.router)
     # Outermost last: metrics see every response, auth runs before any body is read, and CORS
     # sits outside auth (a browser's preflight carries no key; a 401 needs CORS headers too).
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)

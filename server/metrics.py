@@ -6,6 +6,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128, 300)
 REWARD_BUCKETS = (-1.0, -0.75, -0.5, -0.25, 0.0, 0.25, 0.5, 0.75, 1.0, 2.0, 5.0)
+QUANTILE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+GAP_BUCKETS = (-2.0, -1.0, -0.5, -0.25, -0.1, 0.0, 0.1, 0.25, 0.5, 1.0, 2.0)
 
 
 class Metrics:
@@ -73,5 +75,49 @@ class Metrics:
             "BoN log records lost, by reason (queue_full: the writer fell behind; error: the "
             "write failed, or the record or the redactor raised)",
             ["reason"],
+            registry=r,
+        )
+        # -- shadow BoN (server/shadow.py, docs/shadow.md): vBoN answers ranked among N base
+        # samples drawn after the answer, per adapter.
+        self.shadow_rank_quantile = Histogram(
+            "vbon_shadow_rank_quantile",
+            "Where a vBoN answer falls among N fresh base samples of its prompt: (samples below "
+            "it + half the ties) / N; a true BoN-N draw averages N/(N+1), a base sample 0.5",
+            ["adapter"],
+            buckets=QUANTILE_BUCKETS,
+            registry=r,
+        )
+        self.shadow_reward_gap = Histogram(
+            "vbon_shadow_reward_gap",
+            "vBoN answer's reward minus the best of N fresh base samples' (BoN-N's answer)",
+            ["adapter"],
+            buckets=GAP_BUCKETS,
+            registry=r,
+        )
+        # (prometheus_client exports no _sum for a histogram with negative buckets.)
+        self.shadow_reward_gap_mean = Gauge(
+            "vbon_shadow_reward_gap_mean",
+            "Mean of vbon_shadow_reward_gap over the last comparisons",
+            ["adapter"],
+            registry=r,
+        )
+        self.shadow_effective_n = Gauge(
+            "vbon_shadow_effective_n",
+            "The N whose BoN matches the vBoN answers' mean rank quantile q over the last "
+            "comparisons: q/(1-q) (capped)",
+            ["adapter"],
+            registry=r,
+        )
+        self.shadow_expected_rank_quantile = Gauge(
+            "vbon_shadow_expected_rank_quantile",
+            "Mean rank quantile of a true BoN-N answer, N/(N+1), for the adapter's N",
+            ["adapter"],
+            registry=r,
+        )
+        self.shadow_requests = Counter(
+            "vbon_shadow_requests_total",
+            "Shadow BoN comparisons by outcome: compared, skipped_busy (no spare capacity), "
+            "shed (stopped to make room for users), failed",
+            ["adapter", "outcome"],
             registry=r,
         )

@@ -50,13 +50,24 @@ def _bearer(scope: Scope) -> str | None:
     return None
 
 
+def _playground_page(scope: Scope) -> bool:
+    # A browser's navigation to the page sends no key; the page then asks for it and sends it
+    # on its API calls. Only reading the static files is exempt (served only when
+    # VBON_PLAYGROUND is on; off, these paths are 404).
+    path = scope["path"]
+    return scope.get("method") in ("GET", "HEAD") and (
+        path == "/playground" or path.startswith("/playground/")
+    )
+
+
 def key_matches(given: str | None, expected: str) -> bool:
     # Constant time, so the comparison leaks nothing about the key.
     return given is not None and hmac.compare_digest(given.encode(), expected.encode())
 
 
 class AuthMiddleware:
-    """With an API key set, every route but /health needs `Authorization: Bearer <key>`.
+    """With an API key set, every route but /health (and reading the playground's static
+    files) needs `Authorization: Bearer <key>`.
     /admin routes need the admin key instead (and are off without one)."""
 
     def __init__(self, app: Any, api_key: str | None, admin_key: str | None) -> None:
@@ -65,7 +76,7 @@ class AuthMiddleware:
         self.admin_key = admin_key
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS:
+        if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS or _playground_page(scope):
             return await self.app(scope, receive, send)
         given = _bearer(scope)
         if scope["path"].startswith("/admin"):

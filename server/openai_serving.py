@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +32,7 @@ from server.openai_protocol import (
 from server.protocol import AdaptiveFields, Usage
 from server.serving import Gateway, SampleStream, new_id
 from vbon.bon import kl_bound
+from vbon.sampling import EXTENSIONS, Sampling
 
 BON_RE = re.compile(r"^bon-(\d+)$")
 BON_ADAPTIVE_RE = re.compile(r"^bon-(\d+)-adaptive$")
@@ -160,12 +161,29 @@ def chat_prompt(gateway: Gateway, req: ChatCompletionRequest) -> str:
     return gateway.backend.render_chat([m.model_dump() for m in req.messages])
 
 
+def check_bon_sampling(sampling: Sampling, model: str) -> None:
+    """Best-of-N picks among samples of the base model's own distribution (what its KL bound,
+    the reward quantiles and vBoN's training assume): a request that reshapes that
+    distribution is a 400, not a quietly different method."""
+    if reshaping := sampling.reshaping():
+        name = reshaping[0]
+        raise APIError(
+            400,
+            f"'{name}' changes the base model's sampling distribution, which best-of-N "
+            f"('{model}') draws its candidates from: leave it at {EXTENSIONS[name]!r}, or use "
+            "the base model or a vBoN adapter",
+            param=name,
+        )
+
+
 async def prompt_choices(
     gateway: Gateway, req: _OpenAIBase, prompt: str, target: Target, route: str
 ) -> tuple[list[dict], int, int, BoNInfo | None]:
     """(choices as text/finish_reason/reward, prompt tokens, completion tokens, best-of info)
     for one prompt."""
     sampling = req.sampling()
+    if target.kind == "bon" or (req.best_of or 1) > 1:
+        check_bon_sampling(sampling, req.model)
     prompt_tokens = gateway.check_limits(prompt, sampling, target.n)
     lora = target.adapter.ref if target.adapter else None
     if target.adaptive:
@@ -193,6 +211,8 @@ async def prompt_choices(
         gen = await gateway.generate(prompt, sampling, target.n, route, lora)
         choices = [{"text": s.text, "finish_reason": s.finish_reason} for s in gen.samples]
         info = None
+        if target.adapter and (shadow := gateway.shadow_hook(prompt, sampling, target.adapter)):
+            shadow(gen.samples[0].text)  # a vBoN answer: maybe compared with BoN, later
     completion = sum(s.tokens for s in gen.samples)
     return choices, gen.prompt_tokens, completion, info
 
@@ -250,6 +270,9 @@ class CompletionStream:
     sample: SampleStream
     model: str
     chat: bool
+    on_done: Callable[[str], None] | None = None  # with the whole text, once finished
+    include_usage: bool = False  # stream_options: a last chunk with the usage
+    continuous_usage: bool = False  # stream_options (vLLM): usage so far on every chunk
     id: str = field(init=False)
     created: int = field(init=False)
 
@@ -268,37 +291,79 @@ class CompletionStream:
             choice = {"index": 0, "delta": delta, "finish_reason": finish}
         else:
             choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+        return self.envelope([choice])
+
+    def envelope(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
         obj = "chat.completion.chunk" if self.chat else "text_completion"
-        return {
+        out = {
             "id": self.id,
             "object": obj,
             "created": self.created,
             "model": self.model,
-            "choices": [choice],
+            "choices": choices,
         }
+        if self.include_usage:  # (OpenAI: every chunk then has `usage`, null but the last)
+            out["usage"] = self.sample.usage().model_dump() if self.continuous_usage else None
+        return out
 
     async def chunks(self) -> AsyncIterator[dict[str, Any]]:
         """The chunks to send: for a chat, first one announcing the assistant's role."""
         if self.chat:
             yield self.chunk(None, None, first=True)
+        text: list[str] = []
         async for d in self.sample.deltas():
+            text.append(d.text)
             yield self.chunk(d.text, d.finish_reason)
+        if self.include_usage:
+            yield {**self.envelope([]), "usage": self.sample.usage().model_dump()}
+        if self.on_done is not None:
+            self.on_done("".join(text))
 
     def release(self) -> None:
         self.sample.release()
 
 
+async def finished_chunks(
+    resp: CompletionResponse | ChatCompletionResponse, req: _OpenAIBase
+) -> AsyncIterator[dict[str, Any]]:
+    """A best-of answer with stream: true, as the chunks of a stream, sent once the winner is
+    chosen (no candidate is known to win before all are scored). The response is complete
+    before the 200, so a busy server still answers 429 and a slow one 504 as a status."""
+    chat = isinstance(resp, ChatCompletionResponse)
+    base = {
+        "id": resp.id,
+        "object": "chat.completion.chunk" if chat else "text_completion",
+        "created": resp.created,
+        "model": resp.model,
+    }
+    usage = resp.usage.model_dump()
+    per_chunk = {"usage": usage if req.continuous_usage else None} if req.include_usage else {}
+    for c in resp.choices:
+        choice: dict[str, Any] = {"index": c.index}
+        if isinstance(c, ChatChoice):
+            choice["delta"] = {"role": "assistant", "content": c.message.content}
+        else:
+            choice.update(text=c.text, logprobs=None)
+        choice.update(finish_reason=c.finish_reason, reward=c.reward)
+        chunk = {**base, "choices": [choice], **per_chunk}
+        if resp.bon is not None:
+            chunk["bon"] = resp.bon.model_dump(exclude_none=True)
+        yield chunk
+    if req.include_usage:
+        yield {**base, "choices": [], "usage": usage}
+
+
 def open_completion_stream(
     gateway: Gateway, req: _OpenAIBase, prompt: str, target: Target, chat: bool
 ) -> CompletionStream:
-    """A (chat) completion with stream: true, checked and admitted before the 200."""
-    if target.kind == "bon":  # (the answer is known only once every candidate is scored)
-        raise APIError(
-            400,
-            f"stream is not supported with the best-of model '{req.model}': drop stream",
-            param="stream",
-        )
+    """A (chat) completion with stream: true, checked and admitted before the 200 (a best-of
+    model's stream is `finished_chunks`: the answer is known once every candidate is scored)."""
+    assert target.kind != "bon", "best-of streams are finished_chunks"
     lora = target.adapter.ref if target.adapter else None
     route = CHAT_ROUTE if chat else COMPLETIONS_ROUTE
-    sample = gateway.open_stream(prompt, req.sampling(), route, lora)
-    return CompletionStream(sample, req.model, chat)
+    sampling = req.sampling()
+    sample = gateway.open_stream(prompt, sampling, route, lora)
+    shadow = gateway.shadow_hook(prompt, sampling, target.adapter) if target.adapter else None
+    return CompletionStream(
+        sample, req.model, chat, shadow, req.include_usage, req.continuous_usage
+    )

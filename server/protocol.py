@@ -33,10 +33,26 @@ def _encodable(text: str) -> str:
 Text = Annotated[str, AfterValidator(_encodable)]
 
 
+class TextPart(BaseModel):
+    """An OpenAI content part; only text ones (a text-only model has no use for the others)."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"] = Field(description="'text' (images, audio, files: not supported).")
+    text: Text
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
     role: Literal["system", "user", "assistant"]
-    content: Text
+    content: Text | list[TextPart] = Field(
+        description="The text, or OpenAI content parts of type 'text' (joined into one text)."
+    )
+
+    @field_validator("content")
+    @classmethod
+    def _join_parts(cls, v: str | list[TextPart]) -> str:
+        # Clients written for OpenAI (and vLLM's bench) send parts; the template takes text.
+        return v if isinstance(v, str) else "".join(p.text for p in v)
 
 
 class PromptFields(BaseModel):
@@ -51,7 +67,7 @@ class PromptFields(BaseModel):
     # vLLM refuses temperatures above 2; the bound here must be the engine's.
     temperature: float = Field(DEFAULT_TEMPERATURE, ge=0.0, le=2.0, allow_inf_nan=False)
     top_p: float = Field(DEFAULT_TOP_P, gt=0.0, le=1.0, allow_inf_nan=False)
-    top_k: int = Field(DEFAULT_TOP_K, ge=0, description="0 disables top-k.")
+    top_k: int = Field(DEFAULT_TOP_K, ge=-1, description="0 (or -1, as in vLLM) disables top-k.")
     seed: int | None = Field(
         None, ge=0, le=2**31 - 1, description="Candidate i samples with seed + i."
     )
@@ -78,7 +94,7 @@ class PromptFields(BaseModel):
             max_tokens=self.max_tokens,
             temperature=self.temperature,
             top_p=self.top_p,
-            top_k=self.top_k,
+            top_k=max(self.top_k, 0),
             seed=self.seed,
             stop=tuple(stops),
         )
@@ -235,11 +251,37 @@ class BoNResponse(BaseModel):
     timings: Timings
 
 
+class StreamOptions(BaseModel):
+    """OpenAI's `stream_options` (with vLLM's `continuous_usage_stats`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool | None = Field(
+        False, description="End the stream with a chunk holding the whole request's usage."
+    )
+    continuous_usage_stats: bool | None = Field(
+        False, description="Extension (vLLM): with include_usage, usage so far on every chunk."
+    )
+
+
+def check_stream_options(stream: bool, options: StreamOptions | None) -> None:
+    if options is not None and not stream:  # (as vLLM and OpenAI answer it)
+        raise ValueError("'stream_options' can only be given with stream: true")
+
+
 class VBoNRequest(PromptFields):
     adapter: str | None = Field(None, description="Adapter name; default: the default one.")
     n: int | None = Field(None, ge=2, description="Pick the adapter trained for this N.")
     score: bool = Field(False, description="Score the sample with the reward model.")
     stream: bool = Field(False, description="Stream text deltas as server-sent events.")
+    stream_options: StreamOptions | None = Field(
+        None, description="With stream: include_usage adds a last chunk with the usage."
+    )
+
+    @model_validator(mode="after")
+    def _stream_options(self) -> VBoNRequest:
+        check_stream_options(self.stream, self.stream_options)
+        return self
 
 
 class AdapterInfo(BaseModel):

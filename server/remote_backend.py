@@ -449,6 +449,9 @@ class RemoteBackend:
             "seed": sampling.seed,
             "stop": list(sampling.stop) or None,
             "logprobs": 0,  # only the sampled tokens: token counts and cumulative log-probs
+            # vLLM's own extensions, when set: the upstream is a `vllm serve`.
+            **{k: list(v) if isinstance(v, tuple) else v
+               for k, v in sampling.extensions().items()},
         }
 
     async def _post_failed(self, up: Upstream, r: httpx.Response, lora: LoraRef | None) -> None:

@@ -10,7 +10,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,9 +47,11 @@ from server.protocol import (
 )
 from server.reward_reference import RewardReference
 from server.settings import ServerSettings
+from server.shadow import ShadowBoN
 from vbon.bon import kl_bound
 from vbon.errors import ConfigError
 from vbon.rewards.base import RewardModel
+from vbon.rewards.remote import RewardServerError
 from vbon.sampling import Sampling
 
 logger = logging.getLogger(__name__)
@@ -100,6 +102,21 @@ class Gateway:
         )
         name = settings.served_model_name or Path(backend.model_path).name or "base"
         self.model_name = name
+        # Shadow BoN (VBON_SHADOW_BON_FRACTION): vBoN answers compared with BoN-N afterwards.
+        self.shadow = (
+            ShadowBoN(
+                backend,
+                self.budget,
+                self.score,
+                metrics,
+                fraction=settings.shadow_bon_fraction,
+                max_load=settings.shadow_max_load,
+                max_jobs=settings.shadow_max_jobs,
+                timeout_s=settings.request_timeout_s,
+            )
+            if settings.shadow_bon_fraction > 0
+            else None
+        )
 
     # -- inputs ---------------------------------------------------------------------------
     def render(self, fields: PromptFields) -> str:
@@ -211,6 +228,11 @@ class Gateway:
             rewards = await asyncio.to_thread(
                 self.reward.score, [prompt] * len(completions), completions
             )
+        except RewardServerError as exc:
+            # A remote reward server failed: its message names only the server's URL and what
+            # went wrong there, so the client learns which dependency is down (502/504).
+            logger.warning("reward server failed: %s", exc.message)
+            raise APIError(exc.status, exc.message, code="reward_server_error") from exc
         except Exception as exc:
             # The exception's text stays in the log: it can hold paths and model internals.
             ref = new_id("err")
@@ -406,6 +428,20 @@ class Gateway:
             base_model=m.base_model,
         )
 
+    def shadow_hook(
+        self, prompt: str, sampling: Sampling, adapter: AdapterVersion
+    ) -> Callable[[str], None] | None:
+        """What to call with a finished vBoN answer's text (None: shadow BoN is off, or the
+        adapter has no N): maybe a shadow comparison, started in the background."""
+        shadow, n = self.shadow, adapter.meta.n
+        if shadow is None or not n:
+            return None
+
+        def submit(text: str) -> None:
+            shadow.maybe_submit(prompt, sampling, adapter.name, n, text)
+
+        return submit
+
     async def vbon(self, req: VBoNRequest) -> VBoNResponse:
         async with self.deadline().guard():
             return await self._vbon(req)
@@ -425,6 +461,8 @@ class Gateway:
                 reward = (await self.score(prompt, [sample.text]))[0]
                 self.metrics.reward.labels("/v1/vbon").observe(reward)
             t2 = time.perf_counter()
+        if (shadow := self.shadow_hook(prompt, sampling, adapter)) is not None:
+            shadow(sample.text)  # after the answer is ready; never awaited
         return VBoNResponse(
             id=new_id("vbon"),
             model=adapter.name,
@@ -443,8 +481,11 @@ class Gateway:
         limits and admission, all before the 200."""
         adapter = self.resolve_adapter(req.adapter, req.n)
         prompt = self.render(req)
-        sample = self.open_stream(prompt, req.sampling(), "/v1/vbon", adapter.ref)
-        return VBoNStream(sample, self.adapter_info(adapter), req.score)
+        sampling = req.sampling()
+        sample = self.open_stream(prompt, sampling, "/v1/vbon", adapter.ref)
+        shadow = self.shadow_hook(prompt, sampling, adapter)
+        usage = bool(req.stream_options and req.stream_options.include_usage)
+        return VBoNStream(sample, self.adapter_info(adapter), req.score, shadow, usage)
 
     def open_stream(
         self, prompt: str, sampling: Sampling, route: str, lora: LoraRef | None = None
@@ -452,10 +493,10 @@ class Gateway:
         """What every streaming route checks before its 200: the limits, and admission (a busy
         server answers 429 + Retry-After, not an error event after a 200). The stream holds
         its unit of the budget from here until it ends or is released."""
-        self.check_limits(prompt, sampling, 1)
+        prompt_tokens = self.check_limits(prompt, sampling, 1)
         self.budget.take(1)
         self.metrics.samples_in_flight.set(self.budget.in_flight)
-        return SampleStream(self, prompt, sampling, route, lora, self.deadline())
+        return SampleStream(self, prompt, sampling, route, lora, self.deadline(), prompt_tokens)
 
 
 class SampleStream:
@@ -471,6 +512,7 @@ class SampleStream:
         route: str,
         lora: LoraRef | None,
         deadline: Deadline,
+        prompt_tokens: int,
     ) -> None:
         self._gateway = gateway
         self._prompt = prompt
@@ -479,11 +521,16 @@ class SampleStream:
         self._lora = lora
         self._deadline = deadline
         self._held = True
+        self.prompt_tokens = prompt_tokens
+        self.completion_tokens = 0  # so far
+
+    def usage(self) -> Usage:
+        """Tokens so far (all of them once the deltas are done)."""
+        return Usage.of(self.prompt_tokens, self.completion_tokens)
 
     async def deltas(self) -> AsyncIterator[Delta]:
         """The sample's deltas, each engine step within the request's deadline."""
         g = self._gateway
-        tokens = 0
         stream = g.backend.stream(self._prompt, self._sampling, new_id("stream"), self._lora)
         try:
             # aclosing: a consumer that stops early aborts the engine request at once.
@@ -494,10 +541,11 @@ class SampleStream:
                             delta = await anext(stream)
                         except StopAsyncIteration:
                             break
-                    tokens += delta.tokens
+                    self.completion_tokens += delta.tokens
                     yield delta
             g.metrics.samples.labels(self._route).inc()
-            g.metrics.tokens.labels(self._route, "completion").inc(tokens)
+            g.metrics.tokens.labels(self._route, "prompt").inc(self.prompt_tokens)
+            g.metrics.tokens.labels(self._route, "completion").inc(self.completion_tokens)
         finally:
             self.release()
 
@@ -516,12 +564,22 @@ class SampleStream:
 
 class VBoNStream:
     """One streamed /v1/vbon sample as `vbon.chunk`s, each naming the adapter; with `score`,
-    the last one also carries the finished text's reward."""
+    the last one also carries the finished text's reward, and with `include_usage` the
+    request's usage."""
 
-    def __init__(self, sample: SampleStream, adapter: AdapterInfo, score: bool) -> None:
+    def __init__(
+        self,
+        sample: SampleStream,
+        adapter: AdapterInfo,
+        score: bool,
+        on_done: Callable[[str], None] | None = None,
+        include_usage: bool = False,
+    ) -> None:
         self._sample = sample
         self._adapter = adapter.model_dump()
         self._score = score
+        self._include_usage = include_usage
+        self._on_done = on_done  # called with the whole text once the sample is finished
         self.id = new_id("vbon")
 
     async def chunks(self) -> AsyncIterator[dict[str, Any]]:
@@ -537,7 +595,12 @@ class VBoNStream:
             }
             if d.finish_reason is not None and self._score:
                 chunk["reward"] = await self._sample.score("".join(text))
+            if d.finish_reason is not None and self._include_usage:
+                chunk["usage"] = self._sample.usage().model_dump()
             yield chunk
+        # Here the sample is finished and its unit released (not on an error or a disconnect).
+        if self._on_done is not None:
+            self._on_done("".join(text))
 
     def release(self) -> None:
         self._sample.release()

@@ -106,6 +106,11 @@ class ServerSettings(CoreSettings):
         "'stop_at_quantile' targets; use one drawn at the max_tokens you serve.",
     )
     log_level: str = Field("info", description="Log level (debug, info, warning, error).")
+    playground: bool = Field(
+        True,
+        description="Serve the playground page at /playground (static files; the page itself "
+        "loads without a key and asks for VBON_API_KEY for its API calls); false = 404.",
+    )
     # -- remote mode (VBON_BACKEND=remote): generation on vLLM OpenAI-compatible servers ------
     backend: Literal["local", "remote"] = Field(
         "local",
@@ -141,6 +146,27 @@ class ServerSettings(CoreSettings):
     )
     upstream_max_connections: int = Field(
         256, ge=1, description="Pooled HTTP connections to all upstreams together."
+    )
+    # -- shadow BoN (docs/shadow.md): is vBoN still as good as BoN on today's traffic? ------
+    shadow_bon_fraction: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Fraction of vBoN answers (/v1/vbon and vBoN models on the OpenAI routes) "
+        "that are also compared, after the answer is sent, with N fresh base samples of the "
+        "same prompt (N: the adapter's); results in /metrics as vbon_shadow_*. 0 = off; e.g. "
+        "0.02. Costs N extra samples per comparison, only when there is spare capacity.",
+    )
+    shadow_max_load: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="A shadow comparison starts only if the samples in flight, its own N "
+        "included, stay within this share of VBON_MAX_SAMPLES_IN_FLIGHT; users' requests "
+        "cancel running ones whenever they need the room.",
+    )
+    shadow_max_jobs: int = Field(
+        2, ge=1, description="Most shadow comparisons running at once (beyond: skipped)."
     )
 
     def request_caps(self) -> dict[str, tuple[int, str]]:

@@ -47,3 +47,30 @@ def tiny_classifier(tmp_path_factory: pytest.TempPathFactory, embedded_model: Pa
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_reward_model(tmp_path_factory: pytest.TempPathFactory, embedded_model: Path) -> Path:
+    """A randomly initialised single-logit (num_labels=1) Llama reward model that vLLM's CPU
+    pooling runner can serve (head_dim 32: vLLM-CPU's attention has no kernel for head_dim 8)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(1)
+    tok = AutoTokenizer.from_pretrained(embedded_model)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        num_labels=1,
+        pad_token_id=tok.eos_token_id,
+    )
+    model = LlamaForSequenceClassification(cfg)
+    out = tmp_path_factory.mktemp("tiny-reward-model")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out

@@ -61,6 +61,9 @@ class ServerProcess:
             "VBON_SHIPPED_ADAPTERS": "false",
             **env,
         }
+        # Readiness is polled with the key when the server has one (/ready is not public).
+        key = full_env.get("VBON_API_KEY")
+        self.headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.log_path = log_path
         self._log = log_path.open("wb")
         self.proc = subprocess.Popen(
@@ -78,7 +81,8 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited ({self.proc.returncode}): {self.tail()}")
             try:
-                if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
+                r = httpx.get(self.url + "/ready", headers=self.headers, timeout=2)
+                if r.status_code == 200:
                     return
             except httpx.HTTPError:
                 pass

@@ -205,8 +205,8 @@ def test_adaptive_default_and_the_openai_models(client: TestClient) -> None:
     for body, param in (
         ({"model": "bon-16-adaptive", "n": 2}, "n"),
         ({"model": "bon-16-adaptive", "best_of": 8}, "best_of"),
-        ({"model": "bon-16-adaptive", "stream": True}, "stream"),
-        ({"model": "bon-4", "stream": True}, "stream"),
+        ({"model": "bon-16-adaptive", "repetition_penalty": 1.2}, "repetition_penalty"),
+        ({"model": "bon-4", "presence_penalty": 0.5}, "presence_penalty"),
     ):
         r = client.post("/v1/chat/completions",
                         json={**body, "messages": [{"role": "user", "content": "hi"}]})

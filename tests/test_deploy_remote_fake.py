@@ -135,6 +135,15 @@ def test_dead_replica_never_fails_a_request(tmp_path: Path, embedded_model: Path
         sent = fake.bodies[-1]
         assert sent["model"] == str(embedded_model) and sent["logprobs"] == 0
         assert sent["top_k"] == 0 and sent["temperature"] == 1.0
+        assert "repetition_penalty" not in sent and "ignore_eos" not in sent  # unset: not sent
+        # vLLM's extensions pass through to the `vllm serve` upstream as they came.
+        r = client.post("/v1/completions", json={
+            "model": "smollm2-135m-instruct", "prompt": "x", "max_tokens": 3,
+            "repetition_penalty": 1.2, "ignore_eos": True, "min_tokens": 2})
+        assert r.status_code == 200, r.text
+        sent = fake.bodies[-1]
+        assert (sent["repetition_penalty"], sent["ignore_eos"], sent["min_tokens"]) == (
+            1.2, True, 2)
 
 
 def test_load_is_spread_across_healthy_replicas(tmp_path: Path, embedded_model: Path) -> None:

@@ -46,6 +46,21 @@ top_k = mostly(st.integers(0, 60_000), [-1, 49152, 49153, 10**9, -2])
 seed = mostly(st.integers(0, 2**31 - 1), [2**31 - 1, 2**31, 2**63, -1])
 stop = st.none() | text | st.lists(text, max_size=5)
 max_tokens = mostly(st.integers(1, 8), [0, -1, 9])
+# vLLM's sampling extensions (the OpenAI routes take them as `vllm serve` does).
+EXTENSIONS = {
+    "repetition_penalty": mostly(st.floats(0.5, 2), [1.0, 0.0, -1.0, 1e-300, 100.0]),
+    "min_p": mostly(st.floats(0, 1), [0.0, 1.0, 1.0000001, -0.1]),
+    "presence_penalty": mostly(st.floats(-2, 2), [2.0, -2.0000001, 2.1]),
+    "frequency_penalty": mostly(st.floats(-2, 2), [-2.0, 2.0000001]),
+    "min_tokens": mostly(st.integers(0, 8), [9, -1, 10**6]),
+    "ignore_eos": st.booleans(),
+    "stop_token_ids": st.lists(st.integers(0, 49151), max_size=2),  # (refused unless empty)
+    "include_stop_str_in_output": st.booleans(),
+    "skip_special_tokens": st.booleans(),
+    "stream_options": st.fixed_dictionaries(
+        {}, optional={"include_usage": st.booleans(), "continuous_usage_stats": st.booleans()}
+    ),
+}
 
 
 @st.composite
@@ -81,7 +96,10 @@ def requests(draw: Any) -> tuple[str, dict[str, Any]]:
         body["stream"] = draw(st.booleans())
     else:
         body["model"] = draw(st.sampled_from(["smollm2-135m-instruct", "bon-2", "vbon-8"]))
-        body["stream"] = body["model"] != "bon-2" and draw(st.booleans())
+        body["stream"] = draw(st.booleans())
+        for name, strategy in EXTENSIONS.items():
+            if draw(st.integers(0, 3)) == 0:
+                body[name] = draw(strategy)
     return route, body
 
 

@@ -116,7 +116,7 @@ BAD_BON = [
     ({"prompt": ["a"]}, "'prompt' must be a string (got ['a'])"),
     # A union's members are ours to know: one sentence for the field, not one per member.
     ({"prompt": "a", "stop": 5}, "'stop' must be a list or a string (got 5)"),
-    ({"prompt": "a", "top_k": 1.5}, "'top_k' must be an integer (got 1.5); allowed: top_k >= 0"),
+    ({"prompt": "a", "top_k": 1.5}, "'top_k' must be an integer (got 1.5); allowed: top_k >= -1"),
     ({"messages": "hi"}, "'messages' must be a list (got 'hi')"),
     ({"prompt": "a", "bogus": 1}, "'bogus' is not a known field"),
     ({"prompt": "word " * 60}, "the prompt has 60 tokens; the limit is 50"),

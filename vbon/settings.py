@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, TypeVar
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from vbon.errors import ConfigError
@@ -56,7 +56,9 @@ class CoreSettings(VllmPatchSettings):
     )
     reward: str = Field(
         "vader",
-        description="Reward model: 'vader' or a Hugging Face sequence-classification folder.",
+        description="Reward model: 'vader', a Hugging Face sequence-classification folder, or "
+        "the http(s)://host:port of a vLLM pooling server (`vllm serve <classifier> --runner "
+        "pooling`), scored through its /classify with raw logits.",
     )
     reward_label: str | None = Field(
         None,
@@ -66,6 +68,28 @@ class CoreSettings(VllmPatchSettings):
     reward_batch_size: int = Field(32, ge=1, description="Classifier batch size.")
     reward_max_length: int = Field(512, ge=8, description="Classifier truncation length.")
     reward_device: str = Field("cpu", description="Device for a classifier reward ('cuda').")
+    reward_model: str | None = Field(
+        None,
+        description="Remote reward (VBON_REWARD=http://...): the model name on the server; "
+        "default: the one it serves (first of /v1/models).",
+    )
+    reward_api_key: SecretStr | None = Field(
+        None, description="Remote reward: Bearer key for its server (`vllm serve --api-key`)."
+    )
+    reward_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="Remote reward: longest wait for one scoring call (then 504); keep it "
+        "under VBON_REQUEST_TIMEOUT_S.",
+    )
+    reward_retries: int = Field(
+        2,
+        ge=0,
+        le=10,
+        description="Remote reward: retries after a connection error (backoff 0.2 s, 0.4 s, "
+        "...), then 502.",
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
         description="Engine dtype; 'auto' picks bfloat16 where the CPU has native bf16 "
@@ -112,6 +136,18 @@ class CoreSettings(VllmPatchSettings):
             batch_size=self.reward_batch_size,
             max_length=self.reward_max_length,
             device=self.reward_device,
+            remote=self.remote_reward_options(),
+        )
+
+    def remote_reward_options(self):  # -> vbon.rewards.RemoteOptions
+        from vbon.rewards import RemoteOptions
+
+        key = self.reward_api_key.get_secret_value() if self.reward_api_key else None
+        return RemoteOptions(
+            model=self.reward_model,
+            api_key=key,
+            timeout_s=self.reward_timeout_s,
+            retries=self.reward_retries,
         )
 
 

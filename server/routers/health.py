@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server.errors import error_responses
+from vbon.rewards.base import reward_health
 
 router = APIRouter(tags=["health"])
 
@@ -32,22 +35,31 @@ async def health(request: Request) -> JSONResponse:
     },
 )
 async def ready(request: Request) -> JSONResponse:
-    """200 when the engine and reward model are loaded; 503 otherwise, with the reason."""
+    """200 when the engine and reward model are loaded (and a remote reward server answers its
+    /health); 503 otherwise, with the reason."""
     state = request.app.state
     gateway = getattr(state, "gateway", None)
     if gateway is None:
         error = getattr(state, "startup_error", None) or "starting: loading engine and reward"
         return JSONResponse({"ready": False, "reason": error}, status_code=503)
     engine_error = gateway.backend.error()
+    # A remote reward server is checked (cached, off the event loop); local rewards are
+    # always ready once loaded. Only readiness depends on it, never liveness (/health).
+    reward_error = await asyncio.to_thread(reward_health, gateway.reward)
+    ready = engine_error is None and reward_error is None
     body = {
-        "ready": engine_error is None,
+        "ready": ready,
         "engine": {
             "ok": engine_error is None,
             "error": engine_error,
             "model": gateway.model_name,
             "path": gateway.backend.model_path,
         },
-        "reward": {"ok": True, **gateway.reward.describe()},
+        "reward": {
+            "ok": reward_error is None,
+            **({"error": reward_error} if reward_error else {}),
+            **gateway.reward.describe(),
+        },
         "adapters": [
             {"name": v.name, "version": v.version, "n": v.meta.n, "method": v.meta.method}
             for v in gateway.registry.all()
@@ -56,7 +68,7 @@ async def ready(request: Request) -> JSONResponse:
         "samples_in_flight": gateway.budget.in_flight,
         "engine_running_requests": await gateway.backend.running_requests(),
     }
-    return JSONResponse(body, status_code=200 if engine_error is None else 503)
+    return JSONResponse(body, status_code=200 if ready else 503)
 
 
 @router.get(

@@ -36,6 +36,9 @@ async def completions(
     body: CompletionRequest, request: Request, gateway: Gateway = Depends(get_gateway)
 ) -> CompletionResponse | StreamingResponse:
     target = openai_serving.resolve_target(gateway, body)
+    if body.stream and target.kind == "bon":
+        resp = await abort_on_disconnect(request, openai_serving.completion(gateway, body, target))
+        return sse_response(openai_serving.finished_chunks(resp, body), lambda: None)
     if body.stream:
         stream = openai_serving.open_completion_stream(
             gateway, body, body.prompts()[0], target, chat=False
@@ -55,6 +58,11 @@ async def chat_completions(
 ) -> ChatCompletionResponse | StreamingResponse:
     target = openai_serving.resolve_target(gateway, body)
     prompt = openai_serving.chat_prompt(gateway, body)
+    if body.stream and target.kind == "bon":
+        resp = await abort_on_disconnect(
+            request, openai_serving.chat_completion(gateway, body, prompt, target)
+        )
+        return sse_response(openai_serving.finished_chunks(resp, body), lambda: None)
     if body.stream:
         stream = openai_serving.open_completion_stream(gateway, body, prompt, target, chat=True)
         return sse_response(stream.chunks(), stream.release)

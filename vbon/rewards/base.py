@@ -20,6 +20,17 @@ class RewardModel(Protocol):
         """What was loaded, for readiness and metadata."""
         ...
 
+    # Optional (not part of the Protocol, so existing backends need not define it):
+    # `health() -> str | None`, why the backend cannot score now; see `reward_health`.
+
+
+def reward_health(reward: RewardModel) -> str | None:
+    """Why the reward model cannot score now, or None. Optional on backends (local ones are
+    always ready once loaded; a remote one checks its server): blocking, call it off the event
+    loop."""
+    health = getattr(reward, "health", None)
+    return health() if callable(health) else None
+
 
 def check_batch(prompts: Sequence[str], completions: Sequence[str]) -> None:
     if len(prompts) != len(completions):
