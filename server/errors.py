@@ -47,9 +47,9 @@ _DESCRIPTIONS = {
     413: "Request body over VBON_MAX_BODY_BYTES",
     429: "Too many samples in flight; retry after Retry-After seconds",
     500: "The reward model failed",
-    502: "The remote engine failed",
+    502: "A remote engine or the remote reward server failed",
     503: "Engine not ready or dead; retry after Retry-After seconds",
-    504: "Request over VBON_REQUEST_TIMEOUT_S",
+    504: "Request over VBON_REQUEST_TIMEOUT_S, or the remote reward server timed out",
 }
 # What a generation route can answer besides 200 (documented, so clients and schema-based
 # fuzzers know every status they may see).

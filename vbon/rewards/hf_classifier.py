@@ -91,6 +91,9 @@ class HFClassifierReward:
             if self.inputs == "completion"
             else [p + c for p, c in zip(prompts, completions, strict=True)]
         )
+        # An empty text has no tokens with a tokenizer that adds none, and the forward fails;
+        # a space stands in for it (as vbon.rewards.remote sends it, so both score alike).
+        texts = [t or " " for t in texts]
         out: list[float] = []
         with self._lock, self._torch.inference_mode():
             for start in range(0, len(texts), self.batch_size):
