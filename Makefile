@@ -7,8 +7,10 @@ PYTEST_ARGS ?=
 BENCH_ARGS ?=
 EVAL_ARGS ?=
 PARETO_ARGS ?=
+VLLM_BENCH_ARGS ?=
 
-.PHONY: install model serve test test-fast lint train pareto bench bench-adaptive eval clean help docker-image \
+.PHONY: install model serve test test-fast lint train pareto bench bench-adaptive bench-vllm eval clean help \
+	docker-image \
 	docker-test reliability
 
 help:
@@ -18,6 +20,7 @@ help:
 	@echo "make pareto  reward vs KL: base, BoN-N, the shipped vBoN-N, KL-RL, BoN-SFT (docs/results)"
 	@echo "make bench-adaptive   adaptive BoN (early exit, pruning) vs BoN-1..32 (docs/results/adaptive)"
 	@echo "make reliability   fuzz, load and fault checks with a summary table"
+	@echo "make bench-vllm    vLLM's bench client vs a running gateway: base, vBoN-8, BoN-8 (docs/results/vllm_bench)"
 
 install:
 	@bash scripts/install.sh
@@ -60,6 +63,10 @@ bench: model
 
 bench-adaptive: model
 	$(PY) -m clients.adaptive_bench $(BENCH_ARGS)
+
+# vLLM's own load generator against the gateway that `make serve` runs (VBON_URL, VBON_API_KEY).
+bench-vllm: install
+	$(PY) -m clients.vllm_bench $(VLLM_BENCH_ARGS)
 
 eval: model
 	$(PY) -m clients.eval $(EVAL_ARGS)
