@@ -79,6 +79,15 @@ def test_hf_classifier_truncates_inputs_longer_than_its_context(tiny_classifier:
     assert isinstance(score, float)
 
 
+def test_hf_classifier_scores_an_empty_completion(tiny_classifier: Path) -> None:
+    # (An empty text has no tokens with this tokenizer: a forward on it fails.) It scores as a
+    # space, as the remote reward sends it, alone and inside a batch.
+    r = load_reward(str(tiny_classifier))
+    (alone,) = r.score(["p"], [""])
+    assert alone == pytest.approx(r.score(["p"], [" "])[0])
+    assert r.score(["p", "p"], ["", "good"])[0] == pytest.approx(alone, abs=1e-4)
+
+
 def test_hf_classifier_label_choice(tiny_classifier: Path) -> None:
     neg = load_reward(str(tiny_classifier), label="negative")
     pos = load_reward(str(tiny_classifier), label=1)
