@@ -117,6 +117,7 @@ class Metrics:
         self.shadow_requests = Counter(
             "vbon_shadow_requests_total",
             "Shadow BoN comparisons by outcome: compared, skipped_busy (no spare capacity), "
+            "skipped_unsupported (greedy or reshaped sampling: no BoN to compare with), "
             "shed (stopped to make room for users), failed",
             ["adapter", "outcome"],
             registry=r,

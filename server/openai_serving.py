@@ -170,17 +170,23 @@ def check_bon_sampling(sampling: Sampling, model: str) -> None:
         raise APIError(
             400,
             f"'{name}' changes the base model's sampling distribution, which best-of-N "
-            f"('{model}') draws its candidates from: leave it at {EXTENSIONS[name]!r}, or use "
-            "the base model or a vBoN adapter",
+            f"('{model}') draws its candidates from: leave it at {EXTENSIONS[name]!r}, or "
+            "sample without best-of (the base model with best_of 1, or a vBoN adapter)",
             param=name,
         )
 
 
 async def prompt_choices(
-    gateway: Gateway, req: _OpenAIBase, prompt: str, target: Target, route: str
+    gateway: Gateway,
+    req: _OpenAIBase,
+    prompt: str,
+    target: Target,
+    route: str,
+    after: list[Callable[[], None]] | None = None,
 ) -> tuple[list[dict], int, int, BoNInfo | None]:
     """(choices as text/finish_reason/reward, prompt tokens, completion tokens, best-of info)
-    for one prompt."""
+    for one prompt. What must wait until the whole response is ready (a shadow comparison of
+    a vBoN answer) goes into `after`; without it, it runs now."""
     sampling = req.sampling()
     if target.kind == "bon" or (req.best_of or 1) > 1:
         check_bon_sampling(sampling, req.model)
@@ -212,7 +218,12 @@ async def prompt_choices(
         choices = [{"text": s.text, "finish_reason": s.finish_reason} for s in gen.samples]
         info = None
         if target.adapter and (shadow := gateway.shadow_hook(prompt, sampling, target.adapter)):
-            shadow(gen.samples[0].text)  # a vBoN answer: maybe compared with BoN, later
+            # A vBoN answer: maybe compared with BoN, once the response is ready.
+            text = gen.samples[0].text
+            if after is None:
+                shadow(text)
+            else:
+                after.append(lambda: shadow(text))
     completion = sum(s.tokens for s in gen.samples)
     return choices, gen.prompt_tokens, completion, info
 
@@ -223,11 +234,16 @@ async def completion(
     """POST /v1/completions without stream: every prompt's choices, in one response."""
     choices: list[CompletionChoice] = []
     p_tok, c_tok, info = 0, 0, None
+    after: list[Callable[[], None]] = []  # (shadow work starts once every prompt is answered)
     async with gateway.deadline().guard():  # one limit for all the prompts together
         for prompt in req.prompts():
-            cs, p, c, info = await prompt_choices(gateway, req, prompt, target, COMPLETIONS_ROUTE)
+            cs, p, c, info = await prompt_choices(
+                gateway, req, prompt, target, COMPLETIONS_ROUTE, after
+            )
             choices += [CompletionChoice(index=len(choices) + i, **ch) for i, ch in enumerate(cs)]
             p_tok, c_tok = p_tok + p, c_tok + c
+    for f in after:
+        f()
     return CompletionResponse(
         id=new_id("cmpl"),
         created=int(time.time()),

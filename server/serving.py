@@ -484,8 +484,10 @@ class Gateway:
         sampling = req.sampling()
         sample = self.open_stream(prompt, sampling, "/v1/vbon", adapter.ref)
         shadow = self.shadow_hook(prompt, sampling, adapter)
-        usage = bool(req.stream_options and req.stream_options.include_usage)
-        return VBoNStream(sample, self.adapter_info(adapter), req.score, shadow, usage)
+        o = req.stream_options
+        usage = bool(o and o.include_usage)
+        every = bool(usage and o and o.continuous_usage_stats)
+        return VBoNStream(sample, self.adapter_info(adapter), req.score, shadow, usage, every)
 
     def open_stream(
         self, prompt: str, sampling: Sampling, route: str, lora: LoraRef | None = None
@@ -565,7 +567,7 @@ class SampleStream:
 class VBoNStream:
     """One streamed /v1/vbon sample as `vbon.chunk`s, each naming the adapter; with `score`,
     the last one also carries the finished text's reward, and with `include_usage` the
-    request's usage."""
+    request's usage (with `continuous_usage_stats`, every chunk the usage so far)."""
 
     def __init__(
         self,
@@ -574,11 +576,13 @@ class VBoNStream:
         score: bool,
         on_done: Callable[[str], None] | None = None,
         include_usage: bool = False,
+        continuous_usage: bool = False,
     ) -> None:
         self._sample = sample
         self._adapter = adapter.model_dump()
         self._score = score
         self._include_usage = include_usage
+        self._continuous_usage = continuous_usage  # (vLLM's continuous_usage_stats)
         self._on_done = on_done  # called with the whole text once the sample is finished
         self.id = new_id("vbon")
 
@@ -595,7 +599,8 @@ class VBoNStream:
             }
             if d.finish_reason is not None and self._score:
                 chunk["reward"] = await self._sample.score("".join(text))
-            if d.finish_reason is not None and self._include_usage:
+            last = d.finish_reason is not None
+            if self._include_usage and (last or self._continuous_usage):
                 chunk["usage"] = self._sample.usage().model_dump()
             yield chunk
         # Here the sample is finished and its unit released (not on an error or a disconnect).

@@ -43,7 +43,8 @@ class ServerSettings(CoreSettings):
         None,
         # Validated when unset too: the check below must also see the default None.
         validate_default=True,
-        description="Bearer key required on every route but /health; required when VBON_HOST "
+        description="Bearer key required on every route but /health and the /playground page "
+        "(whose API calls send it); required when VBON_HOST "
         "is not loopback, unless VBON_ALLOW_NO_KEY=true.",
     )
     admin_key: SecretStr | None = Field(

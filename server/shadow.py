@@ -100,15 +100,21 @@ class ShadowBoN:
         """Start a comparison of `answer` (a finished vBoN answer) for a `fraction` of calls,
         if there is spare capacity. Never raises and never waits: call it once the user's
         answer is ready. True if a comparison started."""
+        lease: Lease | None = None
         try:
             if n < 1 or self.rng.random() >= self.fraction:
+                return False
+            if sampling.temperature == 0 or sampling.reshaping():
+                # Greedy decoding draws N copies of one text (vLLM refuses n > 1), and a
+                # reshaped distribution is not the base model's BoN: nothing to compare with.
+                self._count(adapter, "skipped_unsupported")
                 return False
             busy = self.budget.in_flight + n > self.max_load * self.budget.limit
             if busy or len(self._jobs) >= self.max_jobs:
                 self._count(adapter, "skipped_busy")
                 return False
             job = _Job(adapter, n, prompt, sampling.with_(seed=None), answer)
-            job.lease = self.budget.lease(n, lambda: self._revoked(job))
+            job.lease = lease = self.budget.lease(n, lambda: self._revoked(job))
             if job.lease is None:  # (cannot happen with max_load <= 1; kept for safety)
                 self._count(adapter, "skipped_busy")
                 return False
@@ -119,12 +125,18 @@ class ShadowBoN:
             return True
         except Exception:  # the user's answer must go out whatever happens here
             logger.exception("shadow BoN: could not start a comparison")
+            if lease is not None:
+                lease.release()
             return False
 
     def _revoked(self, job: _Job) -> None:
-        """A user's request took the lease back: abort the engine work now."""
+        """A user's request took the lease back: abort the engine work now. Counted here,
+        once (Lease.revoke runs this once): a task cancelled before its first step never runs
+        _run's handlers."""
         if job.task is not None:
             job.task.cancel()
+        self._count(job.adapter, "shed")
+        self._in_flight_changed()
 
     async def _run(self, job: _Job) -> None:
         assert job.lease is not None
@@ -136,7 +148,7 @@ class ShadowBoN:
         except asyncio.CancelledError:
             if not job.lease.revoked:
                 raise  # shutdown: not an outcome
-            outcome = "shed"
+            return  # shed: counted by _revoked
         except Exception:
             # Logged without the prompt: it is user data.
             logger.warning("shadow BoN comparison failed (adapter %s)", job.adapter, exc_info=True)

@@ -147,6 +147,10 @@ def test_vbon_stream_include_usage(client: TestClient) -> None:
     assert chunks[-1]["usage"] == full["usage"]
     assert all("usage" not in c for c in chunks[:-1])
     assert all("usage" not in c for c in events(client, "/v1/vbon", body))
+    every = events(client, "/v1/vbon", {**body, "stream_options": {
+        "include_usage": True, "continuous_usage_stats": True}})
+    seen = [c["usage"]["completion_tokens"] for c in every]
+    assert seen == sorted(seen) and every[-1]["usage"] == full["usage"]
 
 
 @pytest.mark.parametrize("model", ["bon-4", "bon-8-adaptive"])

@@ -197,6 +197,26 @@ def test_connection_errors_are_retried(double: ClassifyDouble) -> None:
     assert len(double.posts()) == 6
 
 
+def test_a_connect_timeout_is_a_connection_error(
+    double: ClassifyDouble, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # (httpx's ConnectTimeout is a TimeoutException: a host that never accepts the connection
+    # is unreachable, retried then a 502, not a slow server's 504.)
+    r = remote(double.url, retries=2)
+    r.score(["p"], ["warm"])  # resolved: the model name is known
+    calls: list[str] = []
+
+    def never_connects(method: str, path: str, **kw: object) -> None:
+        calls.append(path)
+        raise httpx.ConnectTimeout("timed out")
+
+    monkeypatch.setattr(r._client, "request", never_connects)
+    with pytest.raises(RewardServerError, match="unreachable") as err:
+        r.score(["p"], ["x"])
+    assert err.value.status == 502 and calls == ["/classify"] * 3
+    assert double.url in (reward_health(r) or "")
+
+
 def test_server_down_is_502_naming_it_and_unhealthy() -> None:
     url = dead_url()
     r = remote(url, retries=1)  # starting without the server is allowed (it may come later)

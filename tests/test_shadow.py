@@ -21,8 +21,9 @@ from server.admission import SampleBudget
 from server.app import create_app
 from server.backend import Generation, LoraRef
 from server.errors import APIError
+from server.metrics import Metrics
 from server.settings import ServerSettings
-from server.shadow import EFFECTIVE_N_CAP, effective_n, rank_quantile
+from server.shadow import EFFECTIVE_N_CAP, ShadowBoN, effective_n, rank_quantile
 from tests.adapters_util import make_fake_adapter, make_peft_adapter
 from tests.fakes import FakeBackend
 from tests.server_proc import ServerProcess
@@ -356,6 +357,70 @@ def test_no_spare_capacity_skips_the_shadow(tmp_path: Path) -> None:
         assert c.post("/v1/vbon", json={"prompt": PROMPT}).status_code == 200
         text = c.get("/metrics").text
     assert shadow_count(text, "skipped_busy") == 1 and backend.shadow_ids == []
+
+
+@pytest.mark.parametrize("extra", [{"temperature": 0}, {"repetition_penalty": 1.3}])
+def test_no_bon_to_compare_with_skips_the_shadow(tmp_path: Path, extra: dict) -> None:
+    # Greedy decoding would draw N copies of one text (vLLM refuses n > 1 there), and a
+    # reshaped distribution's best-of-N is not the base model's BoN-N.
+    backend = GatedBackend()
+    with make_client(tmp_path, backend) as c:
+        body = {"model": ADAPTER, "prompt": PROMPT, "max_tokens": 8, **extra}
+        assert c.post("/v1/completions", json=body).status_code == 200
+        text = c.get("/metrics").text
+    assert shadow_count(text, "skipped_unsupported") == 1 and backend.shadow_ids == []
+    assert shadow_count(text, "failed") == 0
+
+
+def test_a_lease_revoked_before_its_job_starts_is_counted_shed(tmp_path: Path) -> None:
+    async def run() -> tuple[float, int]:
+        backend = GatedBackend()
+        metrics = Metrics()
+        budget = SampleBudget(10)
+
+        async def score(prompt: str, texts: list[str]) -> list[float]:
+            return [0.0] * len(texts)
+
+        shadow = ShadowBoN(backend, budget, score, metrics, fraction=1.0, max_load=1.0,
+                           max_jobs=2, timeout_s=10)  # fmt: skip
+        assert shadow.maybe_submit(PROMPT, Sampling(), ADAPTER, N, "an answer")
+        budget.take(10)  # a user, in the same loop turn: the job never ran a step
+        await asyncio.sleep(0.05)
+        shed = metrics.shadow_requests.labels(ADAPTER, "shed")._value.get()
+        return shed, budget.in_flight
+
+    shed, in_flight = asyncio.run(run())
+    assert shed == 1 and in_flight == 10
+
+
+class OrderedBackend(GatedBackend):
+    """Records when each generation starts and ends, user and shadow (each takes a while)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.delay_s = 0.05
+        self.events: list[str] = []
+
+    async def generate(
+        self, prompt: str, sampling: Sampling, n: int, request_id: str, lora: LoraRef | None = None
+    ) -> Generation:
+        kind = "shadow" if request_id.startswith("shadow-") else "user"
+        self.events.append(f"{kind} start")
+        try:
+            return await super().generate(prompt, sampling, n, request_id, lora)
+        finally:
+            self.events.append(f"{kind} end")
+
+
+def test_a_multi_prompt_completion_is_shadowed_after_its_last_prompt(tmp_path: Path) -> None:
+    backend = OrderedBackend()
+    with make_client(tmp_path, backend, shadow_max_jobs=4) as c:
+        body = {"model": ADAPTER, "prompt": [PROMPT, PROMPT + " again"], "max_tokens": 8}
+        assert c.post("/v1/completions", json=body).status_code == 200
+        wait_for(c, "vbon_shadow_requests_total", adapter=ADAPTER, outcome="compared")
+    # Both of the user's generations were done before any shadow draw began.
+    first_shadow = backend.events.index("shadow start")
+    assert backend.events[:first_shadow] == ["user start", "user end"] * 2, backend.events
 
 
 def test_users_take_the_room_back_from_shadow_work(tmp_path: Path) -> None:

@@ -193,6 +193,15 @@ class RemoteReward:
                 r = self._client.request(method, path, json=json_body)
                 break
             except httpx.TimeoutException as exc:
+                if isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout):
+                    # Never connected: a connection error (retried, then 502), not slowness.
+                    if attempt < retries:
+                        time.sleep(self.backoff_s * 2**attempt)
+                        continue
+                    msg = (f"reward server {self.url} is unreachable (connect timeout on {path}, "
+                           f"{attempt + 1} tries)")  # fmt: skip
+                    self._set_health(msg)
+                    raise RewardServerError(502, msg) from exc
                 # (Slow is not down: readiness is left to /health.)
                 raise RewardServerError(
                     504, f"reward server {self.url} did not answer {path} within {self.timeout_s} s"
