@@ -54,6 +54,8 @@ def _neutral(name: str, value: object) -> bool:
         return True
     if name == "response_format":  # {"type": "text"} is the default format
         return isinstance(value, dict) and value.get("type") == "text"
+    if name == "top_logprobs":  # 0: none asked for
+        return value == 0
     return name == "tool_choice" and value == "none"
 
 

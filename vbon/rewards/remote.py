@@ -26,9 +26,10 @@ and scale it apart from the policy. What vLLM 0.32 offers, checked against a rea
 
 As the local classifier does, the completion alone is scored (not prompt + completion).
 
-One `score()` is one batched POST (vLLM batches it on the server). Connection errors are retried
-with exponential backoff; then `RewardServerError` (502). A timeout is a 504 at once (retrying
-would only double the wait). The gateway turns these into its own 502/504 naming the server.
+One `score()` is one batched POST (vLLM batches it on the server). Connection errors (a connect
+timeout included) are retried with exponential backoff; then `RewardServerError` (502). A slow
+answer is a 504 at once (retrying would only double the wait). The gateway turns these into
+its own 502/504 naming the server.
 """
 
 from __future__ import annotations
