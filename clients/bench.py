@@ -40,13 +40,13 @@ from typing import Any
 
 from clients.client import AsyncClient, RetryPolicy
 from clients.errors import APIError, VBoNClientError
+from vbon.cli import run_command
 from vbon.hf_bon import hf_bon
 from vbon.metrics import mean_se, none_if_nan
 from vbon.placeholder_adapter import make_placeholder_adapter
 from vbon.report import write_report
 from vbon.report.bench import peaks, plot, render_markdown
 
-EXIT_ERROR = 1
 METHOD_RE = re.compile(r"^(base|vbon|bon-(\d+))$")
 
 
@@ -480,16 +480,9 @@ async def run_gateway_phases(
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args._argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        return _main(args)
-    except (VBoNClientError, ValueError, OSError) as exc:
-        if args.debug:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_command(
+        lambda: _main(args), debug=args.debug, errors=(VBoNClientError, ValueError, OSError)
+    )
 
 
 def _main(args: argparse.Namespace) -> int:

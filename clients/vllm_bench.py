@@ -26,6 +26,7 @@ from typing import Any
 
 from clients.settings import ClientSettings
 from vbon.report import machine_line, machine_stamp, write_report
+from vbon.table import markdown_table
 
 DEFAULT_MODELS = "smollm2-135m-instruct,vbon-8,bon-8"
 KEYS = (
@@ -87,18 +88,19 @@ def render_markdown(r: dict[str, Any]) -> str:
         f"{c['concurrency']} in flight. A best-of model streams its winner once chosen: its time "
         "to first token is its latency; its generated tokens are all N samples'.",
         "",
-        "| model | completed | failed | answers/s | generated tokens/s | answer tokens/s "
-        "| median TTFT (ms) | median latency (ms) |",
-        "|---|---|---|---|---|---|---|---|",
     ]
-    for row in r["runs"]:
-        answer_tps = row["completed"] * c["output_len"] / row["duration"]
-        lines.append(
-            f"| {row['model']} | {row['completed']} | {row['failed']} "
-            f"| {row['request_throughput']:.2f} | {row['output_throughput']:.1f} "
-            f"| {answer_tps:.1f} | {row['median_ttft_ms']:.0f} | {row['median_e2el_ms']:.0f} |"
-        )
-    return "\n".join(lines) + "\n"
+    rows = [
+        [
+            row["model"], row["completed"], row["failed"],
+            f"{row['request_throughput']:.2f}", f"{row['output_throughput']:.1f}",
+            f"{row['completed'] * c['output_len'] / row['duration']:.1f}",
+            f"{row['median_ttft_ms']:.0f}", f"{row['median_e2el_ms']:.0f}",
+        ]  # fmt: skip
+        for row in r["runs"]
+    ]
+    headers = ["model", "completed", "failed", "answers/s", "generated tokens/s",
+               "answer tokens/s", "median TTFT (ms)", "median latency (ms)"]  # fmt: skip
+    return "\n".join([*lines, markdown_table(headers, rows)]) + "\n"
 
 
 def plot(r: dict[str, Any], out: Path) -> list[str]:

@@ -17,6 +17,7 @@ from server.protocol import (
     Text,
     Usage,
     check_stream_options,
+    usage_options,
 )
 from vbon.sampling import DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, Sampling
 
@@ -174,12 +175,11 @@ class _OpenAIBase(BaseModel):
 
     @property
     def include_usage(self) -> bool:
-        return bool(self.stream_options and self.stream_options.include_usage)
+        return usage_options(self.stream_options)[0]
 
     @property
     def continuous_usage(self) -> bool:
-        o = self.stream_options
-        return bool(o and o.include_usage and o.continuous_usage_stats)
+        return usage_options(self.stream_options)[1]
 
 
 class CompletionRequest(_OpenAIBase):

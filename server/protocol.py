@@ -264,6 +264,12 @@ class StreamOptions(BaseModel):
     )
 
 
+def usage_options(options: StreamOptions | None) -> tuple[bool, bool]:
+    """(a last chunk with the request's usage, the usage so far on every chunk)."""
+    include = bool(options and options.include_usage)
+    return include, bool(include and options and options.continuous_usage_stats)
+
+
 def check_stream_options(stream: bool, options: StreamOptions | None) -> None:
     if options is not None and not stream:  # (as vLLM and OpenAI answer it)
         raise ValueError("'stream_options' can only be given with stream: true")

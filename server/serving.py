@@ -44,6 +44,7 @@ from server.protocol import (
     Usage,
     VBoNRequest,
     VBoNResponse,
+    usage_options,
 )
 from server.reward_reference import RewardReference
 from server.settings import ServerSettings
@@ -484,9 +485,7 @@ class Gateway:
         sampling = req.sampling()
         sample = self.open_stream(prompt, sampling, "/v1/vbon", adapter.ref)
         shadow = self.shadow_hook(prompt, sampling, adapter)
-        o = req.stream_options
-        usage = bool(o and o.include_usage)
-        every = bool(usage and o and o.continuous_usage_stats)
+        usage, every = usage_options(req.stream_options)
         return VBoNStream(sample, self.adapter_info(adapter), req.score, shadow, usage, every)
 
     def open_stream(

@@ -33,12 +33,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from vbon.cli import run_command
 from vbon.metrics import mean_se, none_if_nan, pareto_front, win
 from vbon.report import machine_line, machine_stamp, write_report
 from vbon.report.evaluation import plot, render_markdown
 from vbon.settings import CoreSettings
 
-EXIT_ERROR = 1
 PROG = "python -m vbon.evaluation"
 
 
@@ -295,16 +295,11 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
     --help and recorded as the report's command."""
     args = build_parser(prog).parse_args(argv)
     argv_list = list(sys.argv[1:] if argv is None else argv)
-    try:
-        return _main(args, [prog, *argv_list])
-    except (EvalError, ValueError, OSError) as exc:  # ConfigError is a ValueError
-        if args.debug:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_command(
+        lambda: _main(args, [prog, *argv_list]),
+        debug=args.debug,
+        errors=(EvalError, ValueError, OSError),  # ConfigError is a ValueError
+    )
 
 
 def _main(args: argparse.Namespace, command: list[str]) -> int:
