@@ -9,7 +9,7 @@ EVAL_ARGS ?=
 PARETO_ARGS ?=
 VLLM_BENCH_ARGS ?=
 
-.PHONY: install model serve test test-fast lint train pareto bench bench-adaptive bench-vllm eval clean help \
+.PHONY: install model serve test test-fast lint train pareto bench bench-gateway bench-adaptive bench-vllm eval clean help \
 	docker-image \
 	docker-test reliability
 
@@ -18,6 +18,7 @@ help:
 	@echo "make test    install, prepare the embedded model, run ruff and the test suite"
 	@echo "make train   train a vBoN-8 adapter on the defaults (python -m trainer --help)"
 	@echo "make pareto  reward vs KL: base, BoN-N, the shipped vBoN-N, KL-RL, BoN-SFT (docs/results)"
+	@echo "make bench-gateway   gateway overhead, engine configuration, LoRA cost (docs/results/gateway)"
 	@echo "make bench-adaptive   adaptive BoN (early exit, pruning) vs BoN-1..32 (docs/results/adaptive)"
 	@echo "make reliability   fuzz, load and fault checks with a summary table"
 	@echo "make bench-vllm    vLLM's bench client vs a running gateway: base, vBoN-8, BoN-8 (docs/results/vllm_bench)"
@@ -60,6 +61,11 @@ pareto: model
 
 bench: model
 	$(PY) -m clients.bench $(BENCH_ARGS)
+
+# Gateway overhead vs vLLM's AsyncLLM called directly, engine configuration, LoRA cost
+# (docs/results/gateway; about 15 minutes here).
+bench-gateway: model
+	$(PY) scripts/bench_gateway.py $(BENCH_ARGS)
 
 bench-adaptive: model
 	$(PY) -m clients.adaptive_bench $(BENCH_ARGS)

@@ -42,6 +42,7 @@ from clients.client import AsyncClient, RetryPolicy
 from clients.errors import VBoNClientError
 from vbon.adapters import write_json_atomic
 from vbon.bon import mid_rank
+from vbon.metrics import mean_se
 from vbon.report import machine_line, machine_stamp, write_report
 from vbon.table import markdown_table
 
@@ -126,12 +127,6 @@ def grid() -> list[Setting]:
 
 
 # -- statistics ------------------------------------------------------------------------------
-def mean_se(xs: list[float]) -> tuple[float, float]:
-    m = statistics.fmean(xs)
-    se = statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else 0.0
-    return m, se
-
-
 def spearman(a: list[float], b: list[float]) -> float | None:
     # Mid-ranks for ties, the convention of F-hat (vbon.bon.mid_rank; its constant offset of
     # 1/2 does not change a correlation).
@@ -295,7 +290,7 @@ def correlations(cands: list[list[Cand]], checkpoints: tuple[int, ...]) -> list[
         rs = [r for cs in cands
               if (r := spearman([c.prefix_reward[cp] for c in cs], [c.reward for c in cs]))
               is not None]
-        m, se = mean_se(rs) if rs else (float("nan"), float("nan"))
+        m, se = mean_se(rs)
         out.append({"tokens": cp, "spearman": m, "se": se, "prompts": len(rs)})
     return out
 

@@ -28,7 +28,6 @@ import argparse
 import asyncio
 import math
 import os
-import platform
 import random
 import re
 import statistics
@@ -44,8 +43,9 @@ from vbon.cli import run_command
 from vbon.hf_bon import hf_bon
 from vbon.metrics import mean_se, none_if_nan
 from vbon.placeholder_adapter import make_placeholder_adapter
-from vbon.report import write_report
+from vbon.report import machine_stamp, write_report
 from vbon.report.bench import peaks, plot, render_markdown
+from vbon.shipped import SHIPPED_DIR
 
 METHOD_RE = re.compile(r"^(base|vbon|bon-(\d+))$")
 
@@ -409,6 +409,13 @@ def _has_adapters(folder: Path) -> bool:
     return folder.is_dir() and any((p / "vbon.json").is_file() for p in folder.iterdir())
 
 
+def _shipped_base_model() -> str | None:
+    from vbon.adapters import read_meta
+
+    metas = [read_meta(p) for p in SHIPPED_DIR.iterdir() if (p / "vbon.json").is_file()]
+    return metas[0].base_model if metas else None
+
+
 async def run_gateway_phases(
     url: str,
     api_key: str | None,
@@ -519,10 +526,15 @@ def _main(args: argparse.Namespace) -> int:
             from vbon.settings import CoreSettings
 
             env: dict[str, str] = {}
-            adapters_dir = Path(
-                args.adapters_dir or os.environ.get("VBON_ADAPTERS_DIR", "adapters")
+            adapters_dir = Path(args.adapters_dir or CoreSettings().adapters_dir)
+            # The gateway installs the shipped vBoN adapters at start; a placeholder is only
+            # for a model they were not trained for and no adapter of the user's.
+            shipped = _has_adapters(SHIPPED_DIR) and (
+                Path(CoreSettings().resolved_model()).name == _shipped_base_model()
             )
-            if "vbon" in cfg["methods"] and not _has_adapters(adapters_dir):
+            if shipped:
+                env["VBON_SHIPPED_ADAPTERS"] = "true"
+            if "vbon" in cfg["methods"] and not _has_adapters(adapters_dir) and not shipped:
                 progress.set_description("placeholder adapter")
                 model_path = CoreSettings().resolved_model()
                 adapters_dir = out / "adapters"
@@ -601,9 +613,8 @@ def _main(args: argparse.Namespace) -> int:
         "duration_s": time.perf_counter() - t_start,
         "config": cfg,
         "machine": {
+            **machine_stamp(),
             "cpus": cpu_count(),
-            "processor": platform.processor() or platform.machine(),
-            "python": platform.python_version(),
             "loadavg_start": load_start,
             "loadavg_end": os.getloadavg(),
         },

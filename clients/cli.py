@@ -304,7 +304,7 @@ def cmd_info(c: Client, a: argparse.Namespace) -> int:
         print(f"not ready: {r.reason or (r.engine or {}).get('error')}")
     else:
         eng, rew = r.engine or {}, r.reward or {}
-        print(f"ready: model {eng.get('model')} ({eng.get('path')}); reward {rew.get('backend')}")
+        print(f"ready: model {eng.get('model')}; reward {rew.get('backend')}")
         if r.adapters:
             print(
                 text_table(

@@ -12,7 +12,10 @@ Measures, side by side in one run on this machine:
      median of the pairs' ratios, which cancels this machine's drift between minutes;
   3. the LoRA cost: a vBoN sample through its adapter against a base-model sample.
 
-Writes JSON, a markdown table and a PNG plot to --out. Usage:
+Writes JSON, a markdown table and a PNG plot to --out (default docs/results/gateway; with --quick
+runs/bench-gateway-<time>, since a quick run is not a result people compare). The vBoN rows use
+the shipped vBoN-8 adapter (vbon/data/adapters), installed into a work folder under runs/.
+Usage (or `make bench-gateway`):
   .venv/bin/python scripts/bench_gateway.py [--out docs/results/gateway] [--quick]
 """
 
@@ -23,6 +26,7 @@ import asyncio
 import contextlib
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -38,8 +42,10 @@ from tqdm import tqdm  # noqa: E402
 
 from vbon.adapters import write_json_atomic, write_text_atomic  # noqa: E402
 from vbon.prompts import default_prompt_file, load_prompts, task_messages  # noqa: E402
+from vbon.report import machine_line, machine_stamp  # noqa: E402
 
 MAX_TOKENS = 32
+SHIPPED_VBON_8 = "vbon-n8-shipped"
 
 
 def _messages(i: int) -> list[dict[str, str]]:
@@ -183,7 +189,6 @@ async def gateway_in_process(adapter_dir: Path):
 
     from server.app import create_app
     from server.settings import ServerSettings
-    from tests.server_proc import free_port
 
     settings = ServerSettings(
         adapters_dir=adapter_dir,
@@ -192,7 +197,9 @@ async def gateway_in_process(adapter_dir: Path):
         log_level="warning",
     )
     app = create_app(settings, background_load=False)
-    port = free_port()
+    with socket.socket() as sock:  # a free loopback port
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     server = uvicorn.Server(
         uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
     )
@@ -223,7 +230,7 @@ async def gateway_vs_direct(args: argparse.Namespace, results: dict, adapter_dir
     async with gateway_in_process(adapter_dir) as (url, gateway):
         engine = gateway.backend._engine
         tok = engine.tokenizer or engine.get_tokenizer()
-        lora = LoRARequest("vbon-bench-direct", 10_000, str(adapter_dir / "vbon-bench"))
+        lora = LoRARequest("vbon-bench-direct", 10_000, str(adapter_dir / SHIPPED_VBON_8))
         async with httpx.AsyncClient(base_url=url, timeout=600) as client:
             # Warm both (prefix cache, LoRA load) with the exact requests measured later.
             for n in args.ns:
@@ -301,8 +308,19 @@ def write_report(results: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     command = "python " + " ".join(sys.argv)
-    machine = results["machine"]
-    lines = ["# Gateway benchmark", "", f"Written by `{command}`; machine: {machine}", ""]
+    lines = [
+        "# Gateway overhead, engine configuration, LoRA cost",
+        "",
+        f"Written by `{command}` on {results['date']} ({results['duration_s'] / 60:.0f} min): "
+        f"{machine_line(results['machine'])}. Tokens per sample {MAX_TOKENS} in the gateway "
+        "rows. The gateway runs in the benchmark's process, so the gateway and the direct calls "
+        "share one AsyncLLM engine; each measurement is a pair run back to back in alternating "
+        "order, and an overhead is the median of the pairs' ratios (with their middle half), "
+        "which cancels this machine's drift between minutes. The httpx client shares the event "
+        "loop with the gateway, so the gateway rows include the client's own work: their "
+        "overheads are upper bounds.",
+        "",
+    ]
     if "engine" in results:
         lines += [
             "## Engine configuration (saturated, 48 tokens per sample, ignore_eos; median of "
@@ -392,7 +410,10 @@ def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--out", default="docs/results/gateway")
+    p.add_argument(
+        "--out", default=None,
+        help="output folder (default docs/results/gateway; with --quick runs/bench-gateway-<time>)",
+    )  # fmt: skip
     p.add_argument("--quick", action="store_true", help="fewer repetitions (a few minutes)")
     p.add_argument("--skip-engine-config", action="store_true")
     p.add_argument("--skip-gateway", action="store_true")
@@ -408,14 +429,11 @@ def main() -> None:
     args.engine_rounds = args.engine_rounds or (1 if args.quick else 2)
     args.concurrency = 16
     args.sat_answers = 32 if args.quick else 64
-    out = Path(args.out)
+    quick_out = f"runs/bench-gateway-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = Path(args.out or (quick_out if args.quick else "docs/results/gateway"))
     out.mkdir(parents=True, exist_ok=True)
-    from vbon.cpu import cpu_count, default_dtype
-
-    results: dict = {
-        "machine": f"{cpu_count()} cores, dtype {default_dtype()}, "
-        f"{time.strftime('%Y-%m-%d %H:%M')}"
-    }
+    t0 = time.perf_counter()
+    results: dict = {"machine": machine_stamp(), "date": time.strftime("%Y-%m-%d %H:%M %Z")}
     if not args.skip_engine_config:
         prompts = 32
         configs = {
@@ -447,15 +465,15 @@ def main() -> None:
         }
         print(json.dumps(results["engine_speedup"], indent=1), flush=True)
     if not args.skip_gateway:
-        from tests.adapters_util import make_peft_adapter
         from vbon.models import prepare_embedded
+        from vbon.shipped import install_shipped
 
-        adapters = out / "adapters"
-        if not (adapters / "vbon-bench").exists():
-            make_peft_adapter(
-                prepare_embedded(ROOT / "models"), adapters / "vbon-bench", n=8, rank=16
-            )
+        # Only the shipped adapters in the gateway's folder: /v1/vbon then serves the shipped
+        # vBoN-8, the adapter the direct calls load.
+        adapters = ROOT / "runs" / "bench-gateway-adapters"
+        install_shipped(adapters, str(prepare_embedded(ROOT / "models")))
         asyncio.run(gateway_vs_direct(args, results, adapters))
+    results["duration_s"] = time.perf_counter() - t0
     write_report(results, out)
     print((out / "bench_gateway.md").read_text())
 

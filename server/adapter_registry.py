@@ -67,6 +67,31 @@ SHARED_SNAPSHOTS = ".versions"  # under VBON_ADAPTERS_DIR; hidden, so scans skip
 STALE_STAGING_S = 3600.0
 
 
+# An absolute path: a '/' that continues no word, URL or relative path ("http://host/x",
+# "VBON_ADAPTERS_DIR/.versions"), up to a quote, a space, a bracket or a colon.
+_ABS_PATH = re.compile(r"(?<![\w.~/:-])/[^\s'\"()\[\],;:]+")
+
+
+def _without_paths(text: str) -> str:
+    """`text` with each absolute path cut to its last part ('/srv/adapters/vbon-n8' becomes
+    'vbon-n8'): the reason stays readable, where the files lie on this server is not told."""
+    return _ABS_PATH.sub(lambda m: Path(m.group()).name or m.group(), text)
+
+
+def _refusal(name: str, exc: Exception) -> str:
+    """Why adapter `name` is refused, as /ready shows it; the log gets the whole exception.
+    Ours (ConfigError) say what to fix, so they stay, less the server's paths; any other
+    exception's text is internals and can hold paths, so it is only referenced."""
+    if isinstance(exc, ConfigError):
+        logger.warning("adapter %s refused: %s", name, exc)
+        return _without_paths(str(exc))
+    from server.serving import new_id  # (server.serving imports this module)
+
+    ref = new_id("err")
+    logger.warning("adapter %s refused [%s]: %s", name, ref, exc, exc_info=exc)
+    return f"cannot load; the server log has the details under {ref}"
+
+
 @dataclass(frozen=True)
 class AdapterVersion:
     meta: AdapterMeta
@@ -372,7 +397,8 @@ class AdapterRegistry:
         }
 
     async def scan(self) -> dict[str, Any]:
-        """Install new or changed adapters, drop removed ones. Returns what changed."""
+        """Install new or changed adapters, drop removed ones. Returns what changed (the refused
+        with their whole reasons, which `refused_reasons` gives without server paths)."""
         async with self._lock:
             self._loop = asyncio.get_running_loop()
             for v in self._settle():
@@ -400,10 +426,10 @@ class AdapterRegistry:
                 except Exception as exc:  # refuse it; the previous version keeps serving
                     if snap is not None:  # never served: nothing holds it
                         await asyncio.to_thread(self._delete_snapshot, snap)
-                    msg = str(exc) if isinstance(exc, ConfigError) else f"cannot load: {exc}"
-                    logger.warning("adapter %s refused: %s", name, msg)
-                    self.refused[name] = (fp, msg)
-                    refused[name] = msg
+                    self.refused[name] = (fp, _refusal(name, exc))
+                    # Whole, for the admin who asked for this scan (POST /admin/adapters/reload).
+                    ours = isinstance(exc, ConfigError)
+                    refused[name] = str(exc) if ours else f"cannot load: {exc}"
                     continue
                 self.refused.pop(name, None)
                 self._versions[name] = AdapterVersion(meta, version, ref, folder, fp)

@@ -19,8 +19,9 @@ from server.errors import install_error_handlers
 from server.metrics import Metrics
 from server.middleware import AuthMiddleware, BodyLimitMiddleware, MetricsMiddleware
 from server.routers import admin, bon, health, openai, playground, vbon
-from server.serving import Gateway
+from server.serving import Gateway, new_id
 from server.settings import ServerSettings
+from vbon.errors import ConfigError
 from vbon.rewards.base import RewardModel
 from vbon.shipped import install_shipped
 
@@ -34,6 +35,16 @@ def default_backend(settings: ServerSettings) -> GenerationBackend:
 
         return RemoteBackend(settings)
     return VLLMBackend(settings)
+
+
+def startup_failure(exc: Exception) -> str:
+    """Log why start-up failed and return what clients see: /health is public, and the
+    exception's text can hold server paths (models, adapters, the reward folder) and internals,
+    so clients get only the kind of failure and a reference to find the log entry."""
+    ref = new_id("err")
+    logger.error("start-up failed [%s]: %s", ref, exc, exc_info=exc)
+    what = ": a setting is invalid" if isinstance(exc, ConfigError) else ""
+    return f"start-up failed{what}; the server log has the details under {ref}"
 
 
 def create_app(
@@ -89,8 +100,7 @@ def create_app(
                     [v.name for v in registry.all()],
                 )
             except Exception as exc:
-                app.state.startup_error = f"startup failed: {exc}"
-                logger.exception("startup failed")
+                app.state.startup_error = startup_failure(exc)
 
         # The engine loads in the background (~40 s on CPU): meanwhile /health answers and
         # /ready and the API answer 503, as orchestrators expect.

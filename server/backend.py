@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -167,12 +167,28 @@ class VLLMBackend:
 
         return LoRARequest(lora.name, lora.lora_id, lora.path)
 
+    @contextlib.contextmanager
+    def _engine_call(self, request_id: str) -> Iterator[None]:
+        """Around one engine request: counted as running, and the engine's errors become ours
+        (a dead engine: 503; a parameter it refuses: 400 naming it)."""
+        from vllm.exceptions import VLLMClientError
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        self._running.add(request_id)
+        try:
+            yield
+        except EngineDeadError as exc:
+            raise EngineUnavailable("the engine has died; the server must be restarted") from exc
+        except VLLMClientError as exc:
+            raise _refused(exc) from exc
+        finally:
+            self._running.discard(request_id)
+
     async def generate(
         self, prompt: str, sampling: Sampling, n: int, request_id: str, lora: LoraRef | None = None
     ) -> Generation:
         from vllm.exceptions import VLLMClientError
         from vllm.sampling_params import RequestOutputKind
-        from vllm.v1.engine.exceptions import EngineDeadError
 
         from vbon.sampling import vllm_params
 
@@ -185,19 +201,12 @@ class VLLMBackend:
         except (VLLMClientError, ValueError) as exc:
             raise _refused(exc) from exc
         final = None
-        self._running.add(request_id)
-        try:
+        with self._engine_call(request_id):
             # Cancelling this coroutine (client gone, timeout) makes vLLM abort the request.
             async for out in engine.generate(
                 prompt, params, request_id, lora_request=self._lora(lora)
             ):
                 final = out
-        except EngineDeadError as exc:
-            raise EngineUnavailable("the engine has died; the server must be restarted") from exc
-        except VLLMClientError as exc:
-            raise _refused(exc) from exc
-        finally:
-            self._running.discard(request_id)
         if final is None:  # pragma: no cover - vLLM always yields a final output
             raise EngineUnavailable("the engine returned no output")
         samples = [
@@ -216,7 +225,6 @@ class VLLMBackend:
     ) -> AsyncIterator[Delta]:
         from vllm.exceptions import VLLMClientError
         from vllm.sampling_params import RequestOutputKind
-        from vllm.v1.engine.exceptions import EngineDeadError
 
         from vbon.sampling import vllm_params
 
@@ -225,12 +233,11 @@ class VLLMBackend:
             params = vllm_params(sampling, n=1, output_kind=RequestOutputKind.DELTA)
         except (VLLMClientError, ValueError) as exc:
             raise _refused(exc) from exc
-        self._running.add(request_id)
         # aclosing: when our consumer closes this stream (an adaptive request pruning a
         # candidate), vLLM's generator is closed at once, and it aborts the request in the
         # engine (freeing its KV blocks) before we return, not whenever it is collected.
         stream = engine.generate(prompt, params, request_id, lora_request=self._lora(lora))
-        try:
+        with self._engine_call(request_id):
             async with contextlib.aclosing(stream):
                 async for out in stream:
                     c = out.outputs[0]
@@ -241,12 +248,6 @@ class VLLMBackend:
                         cumulative_logprob=c.cumulative_logprob,
                         token_ids=list(c.token_ids),
                     )
-        except EngineDeadError as exc:
-            raise EngineUnavailable("the engine has died; the server must be restarted") from exc
-        except VLLMClientError as exc:
-            raise _refused(exc) from exc
-        finally:
-            self._running.discard(request_id)
 
     async def load_lora(self, lora: LoraRef) -> None:
         """Load an adapter version into the engine now, so a bad one fails at install time

@@ -10,6 +10,12 @@ OpenAI-compatible servers (`vllm serve ... --enable-lora`) over HTTP.
   request another replica can take.
 - Errors name the upstream: 503 (`EngineUnavailable`: none could take it), 502
   (`UpstreamError`: an upstream answered with something unusable), 504 (`UpstreamTimeout`).
+  An upstream's 400/422 (vLLM refusing a parameter the client sent) is the client's 400 naming
+  that parameter (`InvalidRequest`), as the local engine's refusal is.
+- VBON_UPSTREAM_API_KEY is sent to every upstream. One that refuses it (401/403: its
+  `--api-key` differs, or we send none) is marked down with a reason naming the setting, and is
+  not tried again until a health check finds it accepting the key: /ready says why, and
+  requests get 503 rather than being passed to an upstream that will refuse them.
 - Tokenization (prompt limits, chat templates) uses the tokenizer from the local model folder
   (VBON_MODEL; the gateway mounts the same models volume), so `count_tokens` and `render_chat`
   stay synchronous and free of network calls.
@@ -30,6 +36,7 @@ import itertools
 import json
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +44,15 @@ from typing import Any
 
 import httpx
 
-from server.backend import BackendError, Delta, EngineUnavailable, Generation, LoraRef, Sample
+from server.backend import (
+    BackendError,
+    Delta,
+    EngineUnavailable,
+    Generation,
+    InvalidRequest,
+    LoraRef,
+    Sample,
+)
 from vbon.sampling import Sampling
 
 logger = logging.getLogger(__name__)
@@ -76,7 +91,9 @@ class Upstream:
     reason: str = "not checked yet"
     model_id: str | None = None  # the base model name it serves (the OpenAI "model" field)
     max_model_len: int | None = None
-    wrong_model: bool = False
+    # Serves another model, or refuses our key: no request goes there until a health check
+    # finds it fixed (unlike an unreachable one, which may be back before the next check).
+    misconfigured: bool = False
     in_flight: int = 0  # samples this gateway has sent there and not yet received back
     loaded: set[str] = field(default_factory=set)  # LoRA names loaded there (as we know it)
     checked_at: float = 0.0
@@ -94,14 +111,34 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text != type(exc).__name__ else text
 
 
-def _error_message(resp: httpx.Response) -> str:
+def _error_fields(resp: httpx.Response) -> tuple[str, str | None]:
+    """(message, parameter) of an upstream's error answer. vLLM's is OpenAI's
+    {"error": {"message", "type", "param", "code"}} (older versions: the same fields at the top
+    level with "object": "error"; its key check: {"error": "Unauthorized"}); FastAPI's own
+    validation answers {"detail": [{"loc": [..., field], "msg"}]}."""
     try:
         body = resp.json()
-        err = body.get("error", body) if isinstance(body, dict) else body
-        msg = err.get("message", err) if isinstance(err, dict) else err
-        return str(msg)[:500]
     except ValueError:
-        return resp.text[:500]
+        return resp.text[:500], None
+    err = body.get("error", body) if isinstance(body, dict) else body
+    if not isinstance(err, dict):
+        return str(err)[:500], None
+    detail = err.get("detail")
+    if "message" not in err and isinstance(detail, list) and detail and isinstance(
+        detail[0], dict
+    ):
+        names = [str(x) for x in detail[0].get("loc") or [] if isinstance(x, str)]
+        param = names[-1] if names and names[-1] != "body" else None
+        msg = str(detail[0].get("msg", detail[0]))
+        return (f"{param}: {msg}" if param else msg)[:500], param
+    if "message" not in err and detail is not None:
+        return str(detail)[:500], None
+    param = err.get("param")
+    return str(err.get("message", err))[:500], str(param) if param else None
+
+
+def _error_message(resp: httpx.Response) -> str:
+    return _error_fields(resp)[0]
 
 
 def model_matches(served: str, expected: str) -> bool:
@@ -126,6 +163,7 @@ class RemoteBackend:
         self._client: httpx.AsyncClient | None = None
         self._tokenizer: Any = None
         self._model_error: str | None = "not started"
+        self._model_detail: str | None = None
         self._loras: dict[str, LoraRef] = {}
         self._lora_locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._rr = itertools.count()
@@ -181,17 +219,25 @@ class RemoteBackend:
 
             self._tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, path)
         except Exception as exc:
-            msg = (
-                f"model folder for VBON_MODEL='{self._settings.model}' is not usable ({exc}); "
-                "the gateway needs it for the tokenizer and chat template: mount the models "
-                "volume"
-            )
-            if self._model_error != msg:
-                logger.error("%s", msg)
-            self._model_error = msg
+            # The full reason (path, loader exception) goes to the log only: /ready and the
+            # 503s reach clients, who must not learn the server's folders or internals.
+            detail = f"{type(exc).__name__}: {exc}"
+            if detail != self._model_detail:
+                self._model_detail = detail
+                ref = f"err-{uuid.uuid4().hex[:12]}"
+                logger.error(
+                    "model folder for VBON_MODEL='%s' is not usable [%s]: %s",
+                    self._settings.model, ref, detail,
+                )
+                self._model_error = (
+                    "the model folder named by VBON_MODEL is not usable (the gateway needs it "
+                    "for the tokenizer and chat template: mount the models volume); the server "
+                    f"log has the details under {ref}"
+                )
             return
         self.model_path = path
         self._model_error = None
+        self._model_detail = None
 
     # -- health ---------------------------------------------------------------------------
     @property
@@ -206,12 +252,16 @@ class RemoteBackend:
             if r.status_code != 200:
                 raise UpstreamError(f"/health answered {r.status_code}")
             r = await self._client.get(f"{up.url}/v1/models", timeout=timeout)
+            if r.status_code in (401, 403):
+                self._key_refused(up, r.status_code)
+                up.checked_at = time.monotonic()
+                return
             if r.status_code != 200:
                 raise UpstreamError(f"/v1/models answered {r.status_code}: {_error_message(r)}")
             cards = r.json().get("data", [])
         except (httpx.HTTPError, UpstreamError, ValueError) as exc:
             up.mark_down(f"unreachable: {_describe(exc)}")
-            up.wrong_model = False
+            up.misconfigured = False
             up.checked_at = time.monotonic()
             return
         bases = [c for c in cards if not c.get("parent")]
@@ -221,12 +271,12 @@ class RemoteBackend:
         if match is None:
             served = [c.get("id") for c in bases]
             msg = f"serves {served}, not the configured model '{expected}'"
-            if not up.wrong_model:
+            if up.reason != msg:
                 logger.error("upstream %s %s (VBON_MODEL / VBON_UPSTREAM_MODEL)", up.url, msg)
             up.mark_down(msg)
-            up.wrong_model = True
+            up.misconfigured = True
             return
-        up.wrong_model = False
+        up.misconfigured = False
         up.model_id = str(match["id"])
         up.max_model_len = match.get("max_model_len")
         loaded_there = {str(c.get("id")) for c in cards if c.get("parent")}
@@ -237,6 +287,21 @@ class RemoteBackend:
         up.reason = "ok"
         lens = [u.max_model_len for u in self.upstreams if u.healthy and u.max_model_len]
         self.max_model_len = min([self._settings.max_model_len, *lens])
+
+    def _key_refused(self, up: Upstream, status: int) -> _Retry:
+        """`up` answered 401/403: it wants another key than ours (or one, and we send none).
+        Not a transient failure: marked down, and skipped until a health check finds it
+        accepting the key (it was restarted with ours, or we were)."""
+        sent = "refuses the gateway's key" if self._settings.upstream_api_key else "needs a key"
+        msg = (
+            f"{sent} ({status}): set VBON_UPSTREAM_API_KEY to the key the upstreams were started "
+            "with (vllm serve --api-key, or VLLM_API_KEY)"
+        )
+        if up.reason != msg:
+            logger.error("upstream %s %s", up.url, msg)
+        up.mark_down(msg)
+        up.misconfigured = True
+        return _Retry(f"{up.url} {msg}")
 
     async def check_all(self) -> None:
         await asyncio.gather(*(self.check(u) for u in self.upstreams))
@@ -279,7 +344,10 @@ class RemoteBackend:
         return self._tokenizer
 
     def count_tokens(self, text: str) -> int:
-        return len(self._tok().encode(text, add_special_tokens=False))
+        # As the upstream counts the prompt we send it: vLLM's /v1/completions tokenizes it with
+        # add_special_tokens=True (a BOS for Llama-style tokenizers), so the context check
+        # never passes a prompt the upstream then refuses.
+        return len(self._tok().encode(text, add_special_tokens=True))
 
     def render_chat(self, messages: list[dict[str, str]]) -> str:
         from vbon.prompts import render_chat
@@ -331,6 +399,8 @@ class RemoteBackend:
                     f"upstream {up.url} failed loading adapter {lora.name}: {_describe(exc)}"
                 ) from exc
             msg = _error_message(r) if r.status_code != 200 else ""
+            if r.status_code in (401, 403):
+                raise self._key_refused(up, r.status_code)
             if r.status_code == 200 or "already been loaded" in msg:
                 up.loaded.add(lora.name)
                 return
@@ -404,7 +474,7 @@ class RemoteBackend:
         n = len(self.upstreams)
         rotated = [self.upstreams[(start + i) % n] for i in range(n)]
         healthy = sorted((u for u in rotated if u.healthy), key=lambda u: u.in_flight)
-        down = [u for u in rotated if not u.healthy and not u.wrong_model]
+        down = [u for u in rotated if not u.healthy and not u.misconfigured]
         return healthy + down
 
     async def _dispatch(self, n: int, lora: LoraRef | None, call: Any) -> Any:
@@ -455,9 +525,19 @@ class RemoteBackend:
         }
 
     async def _post_failed(self, up: Upstream, r: httpx.Response, lora: LoraRef | None) -> None:
-        msg = _error_message(r)
+        msg, param = _error_fields(r)
         if r.status_code == 404 and lora is not None and lora.name in msg:
             raise _LoraMissing(msg)
+        if r.status_code in (401, 403):
+            raise self._key_refused(up, r.status_code)
+        if r.status_code in (400, 422):
+            # vLLM refused a value the client sent (one our request models let through, e.g. a
+            # sampling extension it checks more strictly): the client's 400 naming it, as with
+            # the local engine. No other upstream would accept it, so no fail-over.
+            logger.info("upstream %s refused a request (%d): %s", up.url, r.status_code, msg)
+            if param and param not in msg:
+                msg = f"{param}: {msg}"
+            raise InvalidRequest(msg, param)
         if r.status_code >= 500:
             up.mark_down(f"answered {r.status_code}: {msg}")
             raise _Retry(f"{up.url} answered {r.status_code}: {msg}", answered=True)

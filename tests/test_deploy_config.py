@@ -129,6 +129,23 @@ def check_grace_period(grace_s: float, where: str) -> None:
     assert timeout < grace_s <= timeout + 120, f"{where}: {grace_s} s vs request timeout {timeout}"
 
 
+def check_vllm_drain(args: list[str], grace_s: float, where: str) -> None:
+    """A vLLM replica on SIGTERM: with --shutdown-timeout 0 (vLLM's default) it aborts every
+    request in flight at once, whatever the grace period; with N it takes no new ones and lets
+    those run for up to N s. N must cover one upstream answer of a request the gateway is still
+    draining (VBON_UPSTREAM_TIMEOUT_S), and the grace period must outlast the drain as the
+    gateway's does, or the drain is SIGKILLed."""
+    from server.settings import ServerSettings
+
+    values = [a.split("=", 1)[1] for a in args if a.startswith("--shutdown-timeout=")]
+    assert len(values) == 1, f"{where}: no --shutdown-timeout=N in {args}"
+    drain = float(values[0])
+    upstream = float(ServerSettings.model_fields["upstream_timeout_s"].default)
+    assert upstream <= drain <= request_timeout_default(), f"{where}: drains {drain} s"
+    check_grace_period(grace_s, where)
+    assert drain < grace_s, f"{where}: grace {grace_s} s ends the {drain} s drain"
+
+
 def active(cfg: dict, *profiles: str) -> set[str]:
     """The services `up` starts with these profiles (v1's `config` lists them all)."""
     return {
@@ -294,6 +311,13 @@ def test_compose_grace_periods_cover_the_request_timeout() -> None:
     services = compose_config("gpu", "scale")["services"]
     for name in GATEWAYS:
         check_grace_period(seconds(services[name].get("stop_grace_period", "10s")), name)
+    # The vLLM replicas: stopped together with the gateway (`docker compose down`), they must
+    # finish the requests it is draining rather than abort them.
+    replicas = [n for n in services if n.startswith("vllm-")]
+    assert replicas
+    for name in replicas:
+        svc = services[name]
+        check_vllm_drain(svc["command"], seconds(svc.get("stop_grace_period", "10s")), name)
 
 
 def test_uvicorn_drains_for_the_request_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -489,5 +513,11 @@ def test_kubernetes_upstreams_are_keyed_and_closed_to_all_but_the_gateway() -> N
 
 
 def test_kubernetes_grace_period_covers_the_request_timeout() -> None:
-    pod = k8s_one(k8s_docs(), "Deployment")["spec"]["template"]["spec"]
+    docs = k8s_docs()
+    pod = k8s_one(docs, "Deployment")["spec"]["template"]["spec"]
     check_grace_period(pod.get("terminationGracePeriodSeconds", 30), "vbon-gateway")
+    # The vLLM pods (a rollout or a node drain stops them while the gateways still wait on
+    # their answers): they drain the requests in flight instead of aborting them.
+    pod = k8s_one(docs, "StatefulSet")["spec"]["template"]["spec"]
+    [vllm] = pod["containers"]
+    check_vllm_drain(vllm["args"], pod.get("terminationGracePeriodSeconds", 30), "vllm")

@@ -7,6 +7,8 @@ tests/test_deploy_remote.py."""
 from __future__ import annotations
 
 import json
+import logging
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,13 +25,27 @@ from tests.adapters_util import make_fake_adapter
 A, B = "http://replica-a:8000", "http://replica-b:8000"
 
 
+# What vLLM answers when it refuses a parameter (its OpenAI ErrorResponse), in its current
+# shape, its older flat one, and FastAPI's own validation error (422).
+VLLM_400 = {"error": {"message": "temperature must be non-negative, got -1.0.",
+                      "type": "BadRequestError", "param": "temperature", "code": 400}}
+VLLM_400_FLAT = {"object": "error", "message": "must be non-negative, got -1.0.",
+                 "type": "BadRequestError", "param": "temperature", "code": 400}
+FASTAPI_422 = {"detail": [{"type": "greater_than_equal", "loc": ["body", "temperature"],
+                           "msg": "Input should be greater than or equal to 0", "input": -1}]}
+
+
 class FakeVLLM:
     """Scripted behaviour per upstream: 'ok', 'down' (connection refused), 'timeout',
-    'error500', 'bad400', 'model:<id>' (serves another model)."""
+    'error500', 'bad400' (VLLM_400), 'bad400flat', 'bad422', 'model:<id>' (serves another
+    model). With `key` set, it guards its /v1 routes as `vllm serve --api-key` does: 401
+    without `Authorization: Bearer <key>`, /health stays public."""
 
-    def __init__(self, model: str, modes: dict[str, str]) -> None:
+    def __init__(self, model: str, modes: dict[str, str], key: str | None = None) -> None:
         self.model = model
         self.modes = modes
+        self.key = key
+        self.refused: list[str] = []  # paths answered 401
         self.loras: dict[str, set[str]] = {u: set() for u in modes}
         self.completions: dict[str, int] = {u: 0 for u in modes}
         self.bodies: list[dict] = []
@@ -44,6 +60,10 @@ class FakeVLLM:
         path = request.url.path
         if path == "/health":
             return httpx.Response(200)
+        # (vllm/entrypoints/serve/middleware/authenticate.py)
+        if self.key is not None and request.headers.get("Authorization") != f"Bearer {self.key}":
+            self.refused.append(path)
+            return httpx.Response(401, json={"error": "Unauthorized"})
         if path == "/v1/models":
             model = mode.split(":", 1)[1] if mode.startswith("model:") else self.model
             data = [{"id": model, "root": model, "parent": None, "max_model_len": 1024}]
@@ -66,7 +86,11 @@ class FakeVLLM:
         if mode == "error500":
             return httpx.Response(500, json={"error": {"message": "EngineDeadError"}})
         if mode == "bad400":
-            return httpx.Response(400, json={"error": {"message": "bad sampling"}})
+            return httpx.Response(400, json=VLLM_400)
+        if mode == "bad400flat":
+            return httpx.Response(400, json=VLLM_400_FLAT)
+        if mode == "bad422":
+            return httpx.Response(422, json=FASTAPI_422)
         if body["model"] != self.model and body["model"] not in self.loras[up]:
             return httpx.Response(
                 404, json={"error": {"message": f"The model `{body['model']}` does not exist."}}
@@ -160,7 +184,6 @@ def test_load_is_spread_across_healthy_replicas(tmp_path: Path, embedded_model: 
     [
         ({A: "down", B: "down"}, 503, "no upstream could take the request"),
         ({A: "error500", B: "down"}, 502, "answered 500: EngineDeadError"),
-        ({A: "bad400"}, 502, f"upstream {A} answered 400: bad sampling"),
         ({A: "timeout"}, 504, f"upstream {A} did not answer"),
     ],
 )
@@ -175,6 +198,156 @@ def test_upstream_errors_map_to_502_503_504_naming_the_upstream(
         assert r.status_code == status, r.text
         msg = r.json()["error"]["message"]
         assert needle in msg and A in msg
+
+
+@pytest.mark.parametrize("mode", ["bad400", "bad400flat", "bad422"])
+def test_a_parameter_the_upstream_refuses_is_a_400_naming_it(
+    tmp_path: Path, embedded_model: Path, mode: str
+) -> None:
+    """#29 point 1: vLLM refusing a value the client sent is the client's mistake: a 400 naming
+    the parameter (as with the local engine), not a 502, and the upstream stays in service."""
+    fake = FakeVLLM(str(embedded_model), {A: "ok"})
+    client, backend = make_client(tmp_path, embedded_model, fake)
+    with client:
+        fake.modes[A] = mode
+        for route, body in (
+            ("/v1/bon", {"prompt": "x", "n": 2, "temperature": 0.7}),
+            ("/v1/completions", {"model": "smollm2-135m-instruct", "prompt": "x",
+                                 "temperature": 0.7}),
+        ):  # fmt: skip
+            r = client.post(route, json=body)
+            assert r.status_code == 400, (route, r.text)
+            err = r.json()["error"]
+            assert err["param"] == "temperature", err
+            assert "the engine refused the request: temperature" in err["message"], err
+            assert any(w in err["message"] for w in ("non-negative", "greater than or equal"))
+        assert fake.completions[A] == 2  # each tried once: no other replica would accept it
+        assert backend().upstreams[0].healthy
+        assert client.get("/ready").status_code == 200
+
+
+def _bos_tokenizer(model: Path, folder: Path):
+    """The embedded model's tokenizer, made to add a BOS token as Llama-style ones do (as in
+    tests/test_server_api.py's local-engine test)."""
+    import shutil
+
+    from tokenizers import processors
+    from transformers import AutoTokenizer
+
+    folder.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(model / name, folder / name)
+    tok = AutoTokenizer.from_pretrained(folder)
+    bos = tok.convert_tokens_to_ids("<|im_start|>")
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|im_start|> $A", special_tokens=[("<|im_start|>", bos)]
+    )
+    return tok
+
+
+def test_prompt_tokens_are_counted_as_the_upstream_counts_them(
+    tmp_path: Path, embedded_model: Path
+) -> None:
+    """#29 point 6: the upstream's /v1/completions tokenizes the prompt we send with its
+    special tokens (a BOS here); counted without them, the context check would pass a prompt
+    one token too long, which the upstream then refuses."""
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+    from vllm.renderers.params import TokenizeParams
+
+    fake = FakeVLLM(str(embedded_model), {A: "ok"})
+    client, backend = make_client(tmp_path, embedded_model, fake, max_model_len=64)
+    with client:
+        tok = _bos_tokenizer(embedded_model, tmp_path / "bos-tokenizer")
+        backend()._tokenizer = tok
+        assert backend().max_model_len == 64
+        body = {"model": "smollm2-135m-instruct", "prompt": "a prompt of some words",
+                "max_tokens": 3}  # fmt: skip
+        assert client.post("/v1/completions", json=body).status_code == 200
+        sent = fake.bodies[-1]
+        # How the upstream tokenizes exactly what the gateway sent it.
+        req = CompletionRequest.model_validate(sent)
+        params = TokenizeParams(max_total_tokens=64, add_special_tokens=req.add_special_tokens)
+        upstream_ids = tok.encode(sent["prompt"], **params.get_encode_kwargs())
+        assert upstream_ids[0] == tok.convert_tokens_to_ids("<|im_start|>")  # a BOS is added
+        assert backend().count_tokens(sent["prompt"]) == len(upstream_ids)
+        # One token over the context: refused by the gateway, never sent upstream.
+        r = client.post("/v1/completions", json={**body, "max_tokens": 64 - len(upstream_ids) + 1})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens", r.text
+        assert fake.completions[A] == 1
+        r = client.post("/v1/completions", json={**body, "max_tokens": 64 - len(upstream_ids)})
+        assert r.status_code == 200, r.text
+
+
+UPSTREAM_KEY = "upstream-key-0123456789"
+
+
+def test_the_upstream_key_is_sent_on_every_upstream_call(
+    tmp_path: Path, embedded_model: Path
+) -> None:
+    """#29 point 8: VBON_UPSTREAM_API_KEY reaches /v1/models (health), completions and LoRA
+    loading and unloading of an upstream that requires it."""
+    adapters = tmp_path / "adapters"
+    _publish(adapters / "vbon-n8", embedded_model, seed=0)
+    fake = FakeVLLM(str(embedded_model), {A: "ok"}, key=UPSTREAM_KEY)
+    client, _ = make_client(tmp_path, embedded_model, fake, admin_key="adm",
+                            upstream_api_key=UPSTREAM_KEY)  # fmt: skip
+    with client:
+        assert client.get("/ready").status_code == 200
+        assert fake.loras[A] == {"vbon-n8@v1"}
+        assert client.post("/v1/bon", json={"prompt": "x", "n": 2}).status_code == 200
+        assert client.post("/v1/vbon", json={"prompt": "x", "max_tokens": 3}).status_code == 200
+        _publish(adapters / "vbon-n8", embedded_model, seed=1)
+        assert client.post("/admin/adapters/reload", headers=ADMIN).json()["installed"] == [
+            "vbon-n8@v2"]
+        assert fake.unloaded == ["vbon-n8@v1"] and fake.loras[A] == {"vbon-n8@v2"}
+    assert fake.refused == [] and fake.completions[A] == 2
+
+
+@pytest.mark.parametrize(("key", "needle"), [
+    (None, "needs a key (401)"),
+    ("not-" + UPSTREAM_KEY, "refuses the gateway's key (401)"),
+])  # fmt: skip
+def test_an_upstream_refusing_our_key_is_not_ready_saying_which_setting(
+    tmp_path: Path, embedded_model: Path, key: str | None, needle: str
+) -> None:
+    """A missing or wrong VBON_UPSTREAM_API_KEY is a configuration error, not a client's nor a
+    transient one: /ready is 503 naming the upstream and the setting, requests get 503 saying
+    the same (never a 502 from passing them on to be refused), and once the key matches again
+    the health check brings the upstream back."""
+    fake = FakeVLLM(str(embedded_model), {A: "ok"}, key=UPSTREAM_KEY)
+    client, backend = make_client(tmp_path, embedded_model, fake, upstream_api_key=key)
+    with client:
+        r = client.get("/ready")
+        assert r.status_code == 503, r.text
+        assert A in r.text and needle in r.text and "VBON_UPSTREAM_API_KEY" in r.text, r.text
+        r = client.post("/v1/bon", json={"prompt": "x", "n": 2})
+        assert r.status_code == 503, r.text
+        assert needle in r.json()["error"]["message"] and A in r.json()["error"]["message"]
+        assert fake.completions[A] == 0  # not passed on to be refused
+        # The upstream restarts with the key the gateway has: back at the next health check.
+        fake.key = key
+        client.portal.call(backend().check_all)
+        assert client.get("/ready").status_code == 200
+        assert client.post("/v1/bon", json={"prompt": "x", "n": 2}).status_code == 200
+
+
+def test_a_key_changed_under_a_running_gateway_is_a_503_naming_it(
+    tmp_path: Path, embedded_model: Path
+) -> None:
+    """The upstream is restarted with another key between two health checks: the request it
+    refuses fails over (here: to none) with a 503 naming the key, and the upstream is marked
+    down, so the next requests are not sent there either."""
+    fake = FakeVLLM(str(embedded_model), {A: "ok"}, key=UPSTREAM_KEY)
+    client, backend = make_client(tmp_path, embedded_model, fake, upstream_api_key=UPSTREAM_KEY)
+    with client:
+        assert client.post("/v1/bon", json={"prompt": "x", "n": 2}).status_code == 200
+        fake.key = "rotated-" + UPSTREAM_KEY
+        for _ in range(2):
+            r = client.post("/v1/bon", json={"prompt": "x", "n": 2})
+            assert r.status_code == 503, r.text
+            assert "refuses the gateway's key (401)" in r.json()["error"]["message"]
+        assert fake.refused == ["/v1/completions"]  # the second one was not sent there
+        assert not backend().upstreams[0].healthy
 
 
 def test_adapters_load_at_install_and_again_after_an_upstream_restart(
@@ -360,15 +533,27 @@ def test_stream_through_the_remote_backend(tmp_path: Path, embedded_model: Path)
         assert texts == [" good", " film"]
 
 
-def test_bad_input_is_reported_by_ready_not_by_a_crash(tmp_path: Path, embedded_model: Path):
+def test_bad_input_is_reported_by_ready_not_by_a_crash(
+    tmp_path: Path, embedded_model: Path, caplog: pytest.LogCaptureFixture
+):
     # A missing model volume and an unreachable upstream: the app starts, /health answers.
     fake = FakeVLLM(str(embedded_model), {A: "down"})
     client, _ = make_client(tmp_path, tmp_path / "no-such-model", fake)
-    with client:
+    with caplog.at_level(logging.ERROR), client:
         assert client.get("/health").status_code == 200
         r = client.get("/ready")
-        assert r.status_code == 503 and "no-such-model" in r.text and "mount" in r.text
-        assert client.post("/v1/bon", json={"prompt": "x", "n": 2}).status_code == 503
+        assert r.status_code == 503 and "VBON_MODEL" in r.text and "mount" in r.text
+        # Clients get the reason and a log reference, never the server's folder or the
+        # loader's exception text; the log has both under that reference.
+        # (engine.model is the served name, the folder's last part, never its path.)
+        error = r.json()["engine"]["error"]
+        assert "no-such-model" not in error and str(tmp_path) not in r.text, r.text
+        ref = re.search(r"err-[0-9a-f]+", error)
+        assert ref is not None, r.text
+        b = client.post("/v1/bon", json={"prompt": "x", "n": 2})
+        assert b.status_code == 503 and "no-such-model" not in b.text, b.text
+    logged = [rec.getMessage() for rec in caplog.records if ref.group(0) in rec.getMessage()]
+    assert logged and "no-such-model" in logged[0], logged
     # The model is there but the upstream is down.
     client, _ = make_client(tmp_path, embedded_model, fake)
     with client:

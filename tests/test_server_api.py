@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -214,7 +215,9 @@ def test_engine_loading_is_alive(tmp_path: Path) -> None:
         assert c.get("/ready").status_code == 503 and c.get("/health").status_code == 200
 
 
-def test_a_client_that_leaves_is_counted_as_499_not_500(tmp_path: Path) -> None:
+def test_a_client_that_leaves_is_counted_as_499_not_500(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     fake = FakeBackend(delay_s=5.0)
     with make_client(tmp_path, fake) as c:
         app = c.app
@@ -239,8 +242,13 @@ def test_a_client_that_leaves_is_counted_as_499_not_500(tmp_path: Path) -> None:
                      "client": ("c", 1), "root_path": "", "app": app}
             await app(scope, receive, send)
 
-        c.portal.call(go)  # type: ignore[attr-defined]
+        with caplog.at_level(logging.DEBUG):
+            c.portal.call(go)  # type: ignore[attr-defined]
         assert sent[0]["status"] == 499 and fake.running == set()
+        # A client leaving is not a server error: nothing at ERROR, no traceback in the log.
+        assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+        assert "Traceback" not in caplog.text
+        assert not any(r.exc_info for r in caplog.records)
         metrics = c.get("/metrics").text
         assert 'vbon_requests_total{route="/v1/bon",status="499"} 1.0' in metrics
         assert 'status="500"' not in metrics and "vbon_client_disconnects_total 1.0" in metrics
@@ -456,7 +464,8 @@ def test_adapter_for_another_base_model_is_refused(tmp_path: Path) -> None:
     with make_client(tmp_path) as c:
         ready = c.get("/ready").json()
         assert ready["adapters"] == []
-        assert "trained on '/models/gpt2'" in ready["refused_adapters"]["other"]
+        # The reason says what is wrong, with paths cut to their last part.
+        assert "trained on 'gpt2'" in ready["refused_adapters"]["other"]
 
 
 # -- OpenAI-compatible routes ------------------------------------------------------------
@@ -665,8 +674,68 @@ def test_failed_startup_is_reported(tmp_path: Path) -> None:
         create_app(settings, backend_factory=lambda s: FakeBackend(), background_load=False)
     ) as c:
         r = c.get("/ready")
-        assert r.status_code == 503 and "unknown reward backend" in r.json()["reason"]
+        assert r.status_code == 503 and "a setting is invalid" in r.json()["reason"]
         assert c.get("/health").status_code == 503
+
+
+def test_no_server_path_or_exception_text_reaches_clients(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A failed start-up and a refused adapter: clients learn that, and a reference into the
+    log; the paths on this server and the exception's text go only to the log."""
+    secret = f"cannot open {tmp_path / 'models' / 'rm'}: the disk said no"
+    adapters = tmp_path / "adapters"
+    w = make_fake_adapter(adapters / "vbon-n8", n=8) / "adapter_model.safetensors"
+    w.write_bytes(w.read_bytes()[:100])  # corrupt
+
+    def failing(settings: ServerSettings):
+        raise RuntimeError(secret)
+
+    def bodies(c: TestClient) -> list[str]:
+        return [c.get("/health").text, c.get("/ready").text, c.get("/v1/models").text]
+
+    settings = ServerSettings(adapters_dir=adapters, adapter_poll_s=0)
+    with caplog.at_level(logging.INFO):
+        app = create_app(settings, backend_factory=lambda s: FakeBackend(),
+                         reward_factory=failing, background_load=False)
+        with TestClient(app) as c:
+            bon = c.post("/v1/bon", json={"prompt": "a", "n": 2})
+            assert bon.status_code == 503
+            seen = [*bodies(c), bon.text]
+            assert c.get("/health").status_code == c.get("/ready").status_code == 503
+        # The engine's folder under tmp_path, a reward that loads, the corrupt adapter refused.
+        fake = FakeBackend()
+        fake.model_path = str(tmp_path / "models" / "fake-model")
+        with make_client(tmp_path, fake) as c:
+            ready = c.get("/ready").json()
+            seen += bodies(c)
+    assert ready["engine"]["model"] == "fake-model" and "path" not in ready["engine"]
+    assert "corrupt weights" in ready["refused_adapters"]["vbon-n8"]
+    for body in seen:
+        assert str(tmp_path) not in body and "the disk said no" not in body, body
+    reason = json.loads(seen[0])["reason"]
+    assert "start-up failed" in reason and "server log" in reason
+    ref = reason.rsplit(" ", 1)[-1]
+    assert ref.startswith("err-") and ref in seen[3]  # the 503 carries the same reference
+    # The log has it all: the exception under the same reference, and where the adapter is.
+    assert secret in caplog.text and ref in caplog.text
+    assert str(adapters / "vbon-n8") in caplog.text
+
+
+def test_ready_names_a_classifier_reward_without_its_path(
+    tmp_path: Path, tiny_classifier: Path
+) -> None:
+    from vbon.rewards import load_reward
+
+    settings = ServerSettings(adapters_dir=tmp_path, adapter_poll_s=0)
+    app = create_app(settings, backend_factory=lambda s: FakeBackend(),
+                     reward_factory=lambda s: load_reward(str(tiny_classifier)),
+                     background_load=False)
+    with TestClient(app) as c:
+        r = c.get("/ready")
+    reward = r.json()["reward"]
+    assert reward["backend"] == "hf-classifier" and reward["model"] == tiny_classifier.name
+    assert str(tiny_classifier.parent) not in r.text
 
 
 def test_a_parameter_the_engine_refuses_is_a_400_naming_it(tmp_path: Path) -> None:

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from vbon.cpu import default_dtype, has_native_bf16
@@ -131,3 +133,16 @@ def test_the_settings_reference_is_generated_from_the_settings_classes() -> None
     doc = render()[next(iter(render()))]
     for name in ServerSettings.model_fields:
         assert f"`VBON_{name.upper()}`" in doc
+
+
+def test_every_client_setting_is_documented_with_its_default() -> None:
+    """docs/clients.md names every variable clients.settings.ClientSettings reads, with its
+    default where it has one: add a setting there, document it."""
+    from clients.settings import ClientSettings
+    from vbon.settings_doc import rows
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "clients.md").read_text()
+    for var, default, _ in rows(ClientSettings):
+        assert f"`{var}`" in doc, f"docs/clients.md does not document {var}"
+        if default != "None":
+            assert f"`{var}` (default `{default}`)" in doc

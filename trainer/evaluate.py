@@ -4,8 +4,10 @@ Per held-out prompt: the base model draws `samples` groups of N (base reward = m
 BoN-N = best of each group), the adapter draws `samples` completions (LoRARequest); all under
 vbon.sampling's settings and the gateway's prompt formatting. KL(pi || pi_base) is estimated
 from the adapter's samples as sum_t log pi(y_t) - log pi_base(y_t) with transformers in fp32
-(adapter on / off, vbon.logprobs). The metrics are vbon.metrics.summarise's: standard errors
-across prompts (prompt means), the gain fraction's by bootstrap over prompts.
+(adapter on / off): the adapter's draw and its KL are vbon.evaluation's (sample_adapter,
+adapter_kl), the same as `python -m vbon.evaluation`'s. The metrics are
+vbon.metrics.summarise's: standard errors across prompts (prompt means), the gain fraction's
+by bootstrap over prompts.
 
     python -m trainer.evaluate adapters/vbon-n8 [--write] [--cache-dir runs/cache]
 """
@@ -23,7 +25,7 @@ from typing import Any
 
 from vbon.errors import ConfigError
 from vbon.metrics import summarise
-from vbon.sampling import Sampling, vllm_params
+from vbon.sampling import Sampling
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +61,7 @@ def evaluate_adapter(
         scored_rows,
         store_reference,
     )
-    from vbon.logprobs import adapter_logprobs
+    from vbon.evaluation import adapter_kl, sample_adapter
     from vbon.prompts import render_task
 
     t0 = time.monotonic()
@@ -81,8 +83,8 @@ def evaluate_adapter(
             base_samples = sample_with_vllm(
                 llm, openings, n * samples, sampling, stage="evaluation: base model"
             )
-        tr_out = llm.generate(
-            texts, vllm_params(sampling, n=samples), lora_request=lora,
+        drawn = sample_adapter(
+            llm, texts, lora, sampling, samples,
             use_tqdm=prompt_progress(f"evaluation: adapter ({samples} per prompt)"),
         )  # fmt: skip
     finally:
@@ -94,18 +96,10 @@ def evaluate_adapter(
         if cache_path is not None and key is not None:
             store_reference(cache_path, key, base_rows)
     base_rewards = [row.rewards for row in base_rows]
-    tr_samples = [[c.text for c in out.outputs] for out in tr_out]
-    tr_rewards = [row.rewards for row in scored_rows(openings, tr_samples, reward)]
-    prompt_ids, comp_ids, tr_texts = [], [], []
-    for out in tr_out:
-        for c in out.outputs:
-            prompt_ids.append(list(out.prompt_token_ids))
-            comp_ids.append(list(c.token_ids))
-            tr_texts.append(c.text)
+    tr_rewards = [row.rewards for row in scored_rows(openings, drawn.by_prompt(), reward)]
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    lp, lp_ref = adapter_logprobs(model_path, adapter_dir, prompt_ids, comp_ids, pad_id=pad)
-    kl = [a - b for a, b in zip(lp, lp_ref, strict=True)]
-    metrics = summarise(base_rewards, tr_rewards, n, kl, tr_texts, seed=seed)
+    kl, _ = adapter_kl(model_path, adapter_dir, drawn, pad_id=pad)
+    metrics = summarise(base_rewards, tr_rewards, n, kl, drawn.texts, seed=seed)
     metrics.update(
         eval_prompts=len(openings),
         eval_samples_per_prompt=samples,

@@ -2,8 +2,10 @@
 -> publish. One function per stage; `main` runs them in order. What the stages call lives beside
 it: trainer.jobspec (the Job they share), trainer.run_folder (the run folder and --resume),
 trainer.policy (model, LoRA, training arguments), trainer.sft and trainer.sft_data (BoN-SFT: the
-bon-sft method and vbon's warm start), trainer.rloo (the RL stage), trainer.critic,
-trainer.reference, trainer.evaluate and trainer.provenance (what vbon.json records).
+bon-sft method and vbon's warm start), trainer.rloo (the RL stage), trainer.rewards (the RL
+reward: vBoN's log F-hat(r(y)) from the reference statistics, or KL-RL's raw reward),
+trainer.critic, trainer.reference, trainer.evaluate and trainer.provenance (what vbon.json
+records).
 
     python -m trainer --n 8                     # vBoN-8 on the defaults
     python -m trainer --method kl-rl --beta 0.1 # baseline: KL-regularised RL on the raw reward

@@ -17,7 +17,8 @@ come from teacher-forcing the exact sampled token ids through the model with the
 off (vbon.logprobs, in fp32 like the trainer's KL). The engine's own log-probability of each
 sample is compared with the teacher-forced one as a check (logprob_check_mean_abs). The base
 has KL 0; BoN is placed at its analytic bound log N - (N-1)/N (its win rate is bounded by
-N/(N+1)). The statistics are vbon.metrics', the same as the trainer's evaluation.
+N/(N+1)). The statistics are vbon.metrics', and an adapter's draw and KL (sample_adapter,
+adapter_kl) are the ones the trainer's evaluation (trainer.evaluate) uses.
 
 Output in --out: eval.json, eval.md, reward_vs_kl.png and winrate_vs_kl.png, written by
 vbon.report.evaluation (Pareto frontier marked: no other policy has both lower KL and higher
@@ -30,6 +31,7 @@ import argparse
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,7 @@ from vbon.cli import run_command
 from vbon.metrics import mean_se, none_if_nan, pareto_front, win
 from vbon.report import machine_line, machine_stamp, write_report
 from vbon.report.evaluation import plot, render_markdown
+from vbon.sampling import Sampling, vllm_params
 from vbon.settings import CoreSettings
 
 PROG = "python -m vbon.evaluation"
@@ -44,6 +47,56 @@ PROG = "python -m vbon.evaluation"
 
 class EvalError(Exception):
     """A bad option: printed as one line, exit status 1."""
+
+
+@dataclass
+class AdapterSamples:
+    """An adapter's completions of the prompts, `per_prompt` each, flattened prompt-major."""
+
+    per_prompt: int
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]
+    texts: list[str]
+    engine_logprobs: list[float | None]
+
+    def by_prompt(self) -> list[list[str]]:
+        k = self.per_prompt
+        return [self.texts[i : i + k] for i in range(0, len(self.texts), k)]
+
+
+def sample_adapter(
+    llm: Any, texts: list[str], lora: Any, sampling: Sampling, per_prompt: int,
+    use_tqdm: Any = False,
+) -> AdapterSamples:
+    """`per_prompt` completions of each rendered prompt from the adapter of `lora` (a vLLM
+    LoRARequest), with the engine's log-probability of each: the draw both evaluations (this
+    module's and the trainer's, trainer.evaluate) make of an adapter."""
+    outs = llm.generate(texts, vllm_params(sampling, per_prompt, logprobs=0),
+                        lora_request=lora, use_tqdm=use_tqdm)  # fmt: skip
+    drawn = AdapterSamples(per_prompt, [], [], [], [])
+    for out in outs:
+        for c in sorted(out.outputs, key=lambda c: c.index):
+            drawn.prompt_ids.append(list(out.prompt_token_ids))
+            drawn.completion_ids.append(list(c.token_ids))
+            drawn.texts.append(c.text)
+            drawn.engine_logprobs.append(c.cumulative_logprob)
+    return drawn
+
+
+def adapter_kl(
+    model_path: str, adapter_dir: Path, drawn: AdapterSamples, *, pad_id: int = 0,
+    threads: int | None = None,
+) -> tuple[list[float], list[float]]:
+    """Per sample, the KL estimate sum_t log pi(y_t) - log pi_ref(y_t) (teacher-forced in fp32,
+    adapter on vs off: vbon.logprobs) and log pi(y) itself, which the engine's own
+    log-probability is checked against."""
+    from vbon.logprobs import adapter_logprobs
+
+    lp_pi, lp_ref = adapter_logprobs(
+        model_path, adapter_dir, drawn.prompt_ids, drawn.completion_ids, pad_id=pad_id,
+        threads=threads,
+    )
+    return [a - b for a, b in zip(lp_pi, lp_ref, strict=True)], lp_pi
 
 
 def policy_row(
@@ -117,9 +170,7 @@ def evaluate(cfg: dict[str, Any], progress: Any) -> dict[str, Any]:
     from vbon.bon import kl_bound, win_rate_bound
     from vbon.cpu import cpu_count
     from vbon.engine import build_llm, resolve_dtype
-    from vbon.logprobs import adapter_logprobs
     from vbon.prompts import load_prompts, render_task
-    from vbon.sampling import Sampling, vllm_params
 
     notes: list[str] = []
     core = CoreSettings()
@@ -188,20 +239,15 @@ def evaluate(cfg: dict[str, Any], progress: Any) -> dict[str, Any]:
             )
         )
 
-    base_prompt_ids = [list(o.prompt_token_ids) for o in pool_out]
     for lora_id, (folder, meta) in enumerate(adapters, start=1):
         progress.set_description(f"adapter {folder.name}")
         lora = LoRARequest(folder.name, lora_id, str(folder.resolve()))
-        outs = llm.generate(texts, vllm_params(s, 1, logprobs=0), lora_request=lora, use_tqdm=False)
-        comps = [list(o.outputs[0].token_ids) for o in outs]
-        rewards = score([o.outputs[0].text for o in outs])
-        lp_pi, lp_ref = adapter_logprobs(
-            model_path, folder, base_prompt_ids, comps, threads=cpu_count()
-        )
-        kls = [a - b for a, b in zip(lp_pi, lp_ref, strict=True)]
+        drawn = sample_adapter(llm, texts, lora, s, 1)
+        rewards = score(drawn.texts)
+        kls, lp_pi = adapter_kl(model_path, folder, drawn, threads=cpu_count())
         kl, kl_se = mean_se(kls)
-        gen_lp = [o.outputs[0].cumulative_logprob for o in outs]
-        check = [abs(a - b) for a, b in zip(lp_pi, gen_lp, strict=True) if b is not None]
+        check = [abs(a - b) for a, b in zip(lp_pi, drawn.engine_logprobs, strict=True)
+                 if b is not None]  # fmt: skip
         rows.append(
             policy_row(
                 folder.name,
@@ -213,7 +259,7 @@ def evaluate(cfg: dict[str, Any], progress: Any) -> dict[str, Any]:
                 kl,
                 kl_se,
                 "estimate from samples (teacher-forced log-probs, adapter on vs off)",
-                [len(c) for c in comps],
+                [len(c) for c in drawn.completion_ids],
                 logprob_check_mean_abs=statistics.fmean(check) if check else None,
                 steps=meta.steps,
             )

@@ -52,8 +52,8 @@ async def ready(request: Request) -> JSONResponse:
         "engine": {
             "ok": engine_error is None,
             "error": engine_error,
+            # The served name only: never the model folder's path on this server.
             "model": gateway.model_name,
-            "path": gateway.backend.model_path,
         },
         "reward": {
             "ok": reward_error is None,

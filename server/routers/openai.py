@@ -3,6 +3,8 @@ the model names mean and how choices and chunks are built is server/openai_servi
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
@@ -26,6 +28,24 @@ async def models(gateway: Gateway = Depends(get_gateway)) -> ModelList:
     return openai_serving.list_models(gateway)
 
 
+async def _respond(
+    request: Request,
+    body: CompletionRequest | ChatCompletionRequest,
+    target: openai_serving.Target,
+    answer: Callable[[], Awaitable[CompletionResponse | ChatCompletionResponse]],
+    open_stream: Callable[[], openai_serving.CompletionStream],
+) -> CompletionResponse | ChatCompletionResponse | StreamingResponse:
+    """Both routes alike: the whole answer; a best-of model's stream, its winner as one chunk
+    once every candidate is scored; any other stream, token by token."""
+    if not body.stream:
+        return await abort_on_disconnect(request, answer())
+    if target.kind == "bon":
+        resp = await abort_on_disconnect(request, answer())
+        return sse_response(openai_serving.finished_chunks(resp, body), lambda: None)
+    stream = open_stream()
+    return sse_response(stream.chunks(), stream.release)
+
+
 @router.post(
     "/v1/completions",
     response_model=CompletionResponse,
@@ -36,15 +56,13 @@ async def completions(
     body: CompletionRequest, request: Request, gateway: Gateway = Depends(get_gateway)
 ) -> CompletionResponse | StreamingResponse:
     target = openai_serving.resolve_target(gateway, body)
-    if body.stream and target.kind == "bon":
-        resp = await abort_on_disconnect(request, openai_serving.completion(gateway, body, target))
-        return sse_response(openai_serving.finished_chunks(resp, body), lambda: None)
-    if body.stream:
-        stream = openai_serving.open_completion_stream(
+    return await _respond(
+        request, body, target,
+        lambda: openai_serving.completion(gateway, body, target),
+        lambda: openai_serving.open_completion_stream(
             gateway, body, body.prompts()[0], target, chat=False
-        )
-        return sse_response(stream.chunks(), stream.release)
-    return await abort_on_disconnect(request, openai_serving.completion(gateway, body, target))
+        ),
+    )  # fmt: skip
 
 
 @router.post(
@@ -58,14 +76,8 @@ async def chat_completions(
 ) -> ChatCompletionResponse | StreamingResponse:
     target = openai_serving.resolve_target(gateway, body)
     prompt = openai_serving.chat_prompt(gateway, body)
-    if body.stream and target.kind == "bon":
-        resp = await abort_on_disconnect(
-            request, openai_serving.chat_completion(gateway, body, prompt, target)
-        )
-        return sse_response(openai_serving.finished_chunks(resp, body), lambda: None)
-    if body.stream:
-        stream = openai_serving.open_completion_stream(gateway, body, prompt, target, chat=True)
-        return sse_response(stream.chunks(), stream.release)
-    return await abort_on_disconnect(
-        request, openai_serving.chat_completion(gateway, body, prompt, target)
-    )
+    return await _respond(
+        request, body, target,
+        lambda: openai_serving.chat_completion(gateway, body, prompt, target),
+        lambda: openai_serving.open_completion_stream(gateway, body, prompt, target, chat=True),
+    )  # fmt: skip

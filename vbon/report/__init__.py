@@ -32,7 +32,7 @@ def write_report(
 
 def machine_stamp() -> dict[str, Any]:
     """What a result was measured on: CPU model, cores, native bf16, the engine's dtype, a GPU
-    if torch sees one. Written next to every table in docs/results."""
+    if torch sees one, and the code's commit. Written next to every table in docs/results."""
     import os
     import platform
 
@@ -52,6 +52,7 @@ def machine_stamp() -> dict[str, Any]:
         "native_bf16": has_native_bf16(),
         "dtype": default_dtype(),
         "python": platform.python_version(),
+        "commit": source_commit(),
     }
     try:
         import torch
@@ -63,8 +64,27 @@ def machine_stamp() -> dict[str, Any]:
     return out
 
 
+def source_commit() -> str | None:
+    """The checkout's commit (short hash, '+changes' when files differ from it), so a results
+    page says which code it measured; None outside a git checkout."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10,
+                              check=True)  # fmt: skip
+        return done.stdout.strip()
+
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{head}+changes" if dirty else head
+
+
 def machine_line(machine: dict[str, Any]) -> str:
     gpu = f", GPU {machine['gpu']}" if machine.get("gpu") else ", no GPU"
     bf16 = "native bf16" if machine.get("native_bf16") else "no native bf16"
+    commit = f", code at commit {machine['commit']}" if machine.get("commit") else ""
     return (f"{machine['cpu']}, {machine['cores']} cores ({bf16}), engine dtype "
-            f"{machine['dtype']}{gpu}")
+            f"{machine['dtype']}{gpu}{commit}")

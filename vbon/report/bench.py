@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from vbon.report import machine_line
 from vbon.table import markdown_table
 
 
@@ -38,7 +39,7 @@ def render_markdown(result: dict[str, Any]) -> str:
         "# Throughput benchmark: base vs BoN vs vBoN",
         "",
         f"Command: `{result['command']}`  ",
-        f"Machine: {result['machine']['cpus']} CPUs ({result['machine']['processor']}), "
+        f"Machine: {machine_line(result['machine'])}, "
         f"gateway {result['server']['url']} ({result['server']['model']}), "
         f"{cfg['max_tokens']} max tokens per sample, prompts from {cfg['prompts']}.  ",
         "Load average (1/5/15 min) at start "

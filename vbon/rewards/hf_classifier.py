@@ -3,6 +3,7 @@ DistilBERT IMDB sentiment classifier): the reward is one label's raw logit."""
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -56,6 +57,7 @@ class HFClassifierReward:
 
         self.path = str(path)
         self.name = f"hf:{Path(self.path).name}"
+        self._path_digest = hashlib.sha256(str(Path(self.path).resolve()).encode()).hexdigest()[:12]
         try:
             self._tok = AutoTokenizer.from_pretrained(self.path)
             self._model = AutoModelForSequenceClassification.from_pretrained(self.path)
@@ -109,9 +111,13 @@ class HFClassifierReward:
         return out
 
     def describe(self) -> dict[str, object]:
+        # Shown by /ready, so the folder's name and not its path on this machine. The path's
+        # digest keeps what describe() keys (the trainer's caches) apart for two folders of
+        # one name.
         return {
             "backend": "hf-classifier",
-            "path": self.path,
+            "model": Path(self.path).name,
+            "path_sha256": self._path_digest,
             "label_index": self.label_index,
             "max_length": self.max_length,
             "input": self.inputs,
