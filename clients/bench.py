@@ -47,6 +47,8 @@ from vbon.report import machine_stamp, write_report
 from vbon.report.bench import peaks, plot, render_markdown
 from vbon.shipped import SHIPPED_DIR
 
+# The gateway's log and a placeholder adapter: working files, not results, so not in --out.
+WORK_DIR = Path("runs") / "bench-work"
 METHOD_RE = re.compile(r"^(base|vbon|bon-(\d+))$")
 
 
@@ -537,7 +539,7 @@ def _main(args: argparse.Namespace) -> int:
             if "vbon" in cfg["methods"] and not _has_adapters(adapters_dir) and not shipped:
                 progress.set_description("placeholder adapter")
                 model_path = CoreSettings().resolved_model()
-                adapters_dir = out / "adapters"
+                adapters_dir = WORK_DIR / "adapters"
                 make_placeholder_adapter(adapters_dir / "placeholder-n8", model_path)
                 notes.append(
                     "no vBoN adapter installed: vBoN used a random rank-16 LoRA on all "
@@ -545,7 +547,7 @@ def _main(args: argparse.Namespace) -> int:
                 )
             env["VBON_ADAPTERS_DIR"] = str(adapters_dir.resolve())
             progress.set_description("starting gateway")
-            server = LocalServer(env, out / "server.log")
+            server = LocalServer(env, WORK_DIR / "server.log")
             server.start()
             url = server.url
         gw = asyncio.run(

@@ -40,6 +40,7 @@ class LocalServer:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout_s: float = 600.0) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "server"], env=self.env, stdout=log, stderr=subprocess.STDOUT

@@ -73,7 +73,7 @@ def random_adapter(folder: Path, rank: int) -> str:
     from transformers import AutoModelForCausalLM
 
     from trainer.config import TrainConfig
-    from trainer.job import lora_config
+    from trainer.policy import lora_config
     from vbon.settings import CoreSettings, load_settings
 
     torch.manual_seed(0)

@@ -335,6 +335,9 @@ class CompletionStream:
         if self.on_done is not None:
             self.on_done("".join(text))
 
+    async def start(self) -> None:
+        await self.sample.start()
+
     def release(self) -> None:
         self.sample.release()
 

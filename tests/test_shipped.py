@@ -130,7 +130,7 @@ def test_recipes_load_and_flags_override_them() -> None:
 
 
 def test_recipe_record_and_portable_base(tmp_path: Path) -> None:
-    from trainer.job import portable_model_name, recipe_record
+    from trainer.provenance import portable_model_name, recipe_record
 
     cfg = parse_config(["--recipe", "vbon-n4"])
     rec = recipe_record(cfg, ["--recipe", "vbon-n4"])

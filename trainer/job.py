@@ -27,10 +27,8 @@ from typing import TYPE_CHECKING, Any
 from trainer.config import TrainConfig, parse_config
 from trainer.jobspec import Job, engine_settings_for
 from trainer.policy import check_warm_start_from
-from trainer.policy import lora_config as lora_config  # re-exported: scripts/bench_lora.py
 from trainer.provenance import portable_model_name, prompts_sha256, recipe_record, versions
 from trainer.reference import ReferenceRow
-from trainer.run_folder import CHECKPOINTS as CHECKPOINTS  # re-exported: trainer.pareto
 from trainer.run_folder import WARM_START, check_run_dir, check_writable, start_run_dir
 from trainer.sft_data import WARM_START_DATA, sample_token_ids
 from vbon.errors import ConfigError

@@ -95,7 +95,7 @@ def baseline_entries(adapters_dir: Path, recipes: list[str]) -> list[Entry]:
 
 def checkpoint_entries(run_dir: Path, n: int) -> list[Entry]:
     """--curve RUN_DIR: the warm start (RL step 0) and the RL checkpoints a vBoN run kept."""
-    from trainer.job import CHECKPOINTS, WARM_START
+    from trainer.run_folder import CHECKPOINTS, WARM_START
 
     out = []
     if (run_dir / WARM_START / "adapter_config.json").is_file():
@@ -459,7 +459,7 @@ def record(rows: list[dict[str, Any]], result: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from trainer.job import engine_settings_for
+    from trainer.jobspec import engine_settings_for
     from vbon.models import resolve_model
     from vbon.prompts import default_prompt_file, load_prompts
     from vbon.report import machine_stamp, write_report

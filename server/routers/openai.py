@@ -36,13 +36,15 @@ async def _respond(
     open_stream: Callable[[], openai_serving.CompletionStream],
 ) -> CompletionResponse | ChatCompletionResponse | StreamingResponse:
     """Both routes alike: the whole answer; a best-of model's stream, its winner as one chunk
-    once every candidate is scored; any other stream, token by token."""
+    once every candidate is scored; any other stream, token by token, its first token fetched
+    before the 200 so that a start-up failure is an error status, not an event."""
     if not body.stream:
         return await abort_on_disconnect(request, answer())
     if target.kind == "bon":
         resp = await abort_on_disconnect(request, answer())
         return sse_response(openai_serving.finished_chunks(resp, body), lambda: None)
     stream = open_stream()
+    await abort_on_disconnect(request, stream.start())
     return sse_response(stream.chunks(), stream.release)
 
 

@@ -26,4 +26,5 @@ async def vbon(
     if not body.stream:
         return await abort_on_disconnect(request, gateway.vbon(body))
     stream = gateway.open_vbon_stream(body)
+    await abort_on_disconnect(request, stream.start())
     return sse_response(stream.chunks(), stream.release)

@@ -82,6 +82,16 @@ def source_commit() -> str | None:
     return f"{head}+changes" if dirty else head
 
 
+def shown_path(path: str | Path) -> str:
+    """A path as a results page shows it: relative to the checkout when inside it, so pages do
+    not carry the measuring machine's folders."""
+    p = Path(path)
+    try:
+        return str(p.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def machine_line(machine: dict[str, Any]) -> str:
     gpu = f", GPU {machine['gpu']}" if machine.get("gpu") else ", no GPU"
     bf16 = "native bf16" if machine.get("native_bf16") else "no native bf16"

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from vbon.report import machine_line
+from vbon.report import machine_line, shown_path
 from vbon.table import markdown_table
 
 
@@ -41,7 +41,7 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"Command: `{result['command']}`  ",
         f"Machine: {machine_line(result['machine'])}, "
         f"gateway {result['server']['url']} ({result['server']['model']}), "
-        f"{cfg['max_tokens']} max tokens per sample, prompts from {cfg['prompts']}.  ",
+        f"{cfg['max_tokens']} max tokens per sample, prompts from {shown_path(cfg['prompts'])}.  ",
         "Load average (1/5/15 min) at start "
         + "/".join(f"{x:.1f}" for x in result["machine"]["loadavg_start"])
         + ", at end "

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from vbon.metrics import pareto_front
+from vbon.report import shown_path
 from vbon.table import markdown_table
 
 
@@ -23,7 +24,8 @@ def render_markdown(result: dict[str, Any]) -> str:
         "",
         f"Command: `{result['command']}`  ",
         f"Model {result['model']} ({result['dtype']}), reward {result['reward'].get('backend')}"
-        f", {result['prompts']} prompts from {cfg['prompts']}, {cfg['max_tokens']} max tokens, "
+        f", {result['prompts']} prompts from {shown_path(cfg['prompts'])}, "
+        f"{cfg['max_tokens']} max tokens, "
         f"one sample per prompt and policy.  ",
         f"Date: {result['date']}"
         + (f"; machine: {result['machine']}" if "machine" in result else ""),
