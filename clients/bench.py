@@ -528,17 +528,18 @@ def _main(args: argparse.Namespace) -> int:
             from vbon.settings import CoreSettings
 
             env: dict[str, str] = {}
-            adapters_dir = Path(args.adapters_dir or CoreSettings().adapters_dir)
+            core = CoreSettings()
+            model_path = core.resolved_model()
+            adapters_dir = Path(args.adapters_dir or core.adapters_dir)
             # The gateway installs the shipped vBoN adapters at start; a placeholder is only
             # for a model they were not trained for and no adapter of the user's.
             shipped = _has_adapters(SHIPPED_DIR) and (
-                Path(CoreSettings().resolved_model()).name == _shipped_base_model()
+                Path(model_path).name == _shipped_base_model()
             )
             if shipped:
                 env["VBON_SHIPPED_ADAPTERS"] = "true"
             if "vbon" in cfg["methods"] and not _has_adapters(adapters_dir) and not shipped:
                 progress.set_description("placeholder adapter")
-                model_path = CoreSettings().resolved_model()
                 adapters_dir = WORK_DIR / "adapters"
                 make_placeholder_adapter(adapters_dir / "placeholder-n8", model_path)
                 notes.append(
@@ -563,9 +564,10 @@ def _main(args: argparse.Namespace) -> int:
             from vbon.engine import resolve_dtype
             from vbon.settings import CoreSettings
 
+            # /ready names the served model, not its folder: the local settings' model (the
+            # gateway's own when this benchmark started it).
             core = CoreSettings()
-            path = engine.get("path")
-            model_path = path if path and Path(path).is_dir() else core.resolved_model()
+            model_path = core.resolved_model()
             hf_setup = {
                 "model": model_path,
                 "dtype": resolve_dtype(core),
@@ -624,7 +626,6 @@ def _main(args: argparse.Namespace) -> int:
             "url": url,
             "started_by_bench": server is not None,
             "model": engine.get("model"),
-            "path": engine.get("path"),
             "adapters": ready.adapters,
         },
         "closed_loop": [asdict(lv) for lv in gw["closed"]],

@@ -26,7 +26,6 @@ import asyncio
 import contextlib
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 from tqdm import tqdm  # noqa: E402
 
+from clients.launch import free_port  # noqa: E402
 from vbon.adapters import write_json_atomic, write_text_atomic  # noqa: E402
 from vbon.prompts import default_prompt_file, load_prompts, task_messages  # noqa: E402
 from vbon.report import machine_line, machine_stamp  # noqa: E402
@@ -197,9 +197,7 @@ async def gateway_in_process(adapter_dir: Path):
         log_level="warning",
     )
     app = create_app(settings, background_load=False)
-    with socket.socket() as sock:  # a free loopback port
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
     )

@@ -36,7 +36,6 @@ import itertools
 import json
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +52,7 @@ from server.backend import (
     LoraRef,
     Sample,
 )
+from server.serving import new_id
 from vbon.sampling import Sampling
 
 logger = logging.getLogger(__name__)
@@ -224,7 +224,7 @@ class RemoteBackend:
             detail = f"{type(exc).__name__}: {exc}"
             if detail != self._model_detail:
                 self._model_detail = detail
-                ref = f"err-{uuid.uuid4().hex[:12]}"
+                ref = new_id("err")
                 logger.error(
                     "model folder for VBON_MODEL='%s' is not usable [%s]: %s",
                     self._settings.model, ref, detail,
@@ -415,7 +415,7 @@ class RemoteBackend:
                 raise _Retry(f"{up.url} answered {r.status_code}: {msg}", answered=True)
             # The folder and vLLM's text go to the log only: this message can reach a client
             # (a 502), who must not learn the server's paths.
-            ref = f"err-{uuid.uuid4().hex[:12]}"
+            ref = new_id("err")
             logger.error(
                 "upstream %s refused adapter %s from %s (%d) [%s]: %s",
                 up.url, lora.name, body["lora_path"], r.status_code, ref, msg,

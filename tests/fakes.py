@@ -1,12 +1,14 @@
 """Test doubles for the gateway: `FakeBackend`, the `GenerationBackend` interface without a
 model, for the fast API, client and reliability tests (the integration tests cover the same
-paths against the real engine)."""
+paths against the real engine), and `bos_tokenizer`, a tokenizer that adds a BOS token."""
 
 from __future__ import annotations
 
 import asyncio
 import random
+import shutil
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from server.backend import Delta, EngineUnavailable, Generation, LoraRef, Sample
@@ -111,3 +113,20 @@ class FakeBackend:
 
     async def running_requests(self) -> int:
         return len(self.running)
+
+
+def bos_tokenizer(model: Path, folder: Path) -> Any:
+    """The embedded model's tokenizer (copied into `folder`), made to add a BOS token as
+    Llama-style ones do, for the token-counting tests of both backends."""
+    from tokenizers import processors
+    from transformers import AutoTokenizer
+
+    folder.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(model / name, folder / name)
+    tok = AutoTokenizer.from_pretrained(folder)
+    bos = tok.convert_tokens_to_ids("<|im_start|>")
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|im_start|> $A", special_tokens=[("<|im_start|>", bos)]
+    )
+    return tok

@@ -21,13 +21,14 @@ from pathlib import Path
 import httpx
 import pytest
 
+from clients.launch import free_port
 from server.adapter_registry import AdapterRegistry
 from server.app import create_app
 from server.backend import Delta, LoraRef
 from server.settings import ServerSettings
 from tests.adapters_util import make_fake_adapter, make_peft_adapter
 from tests.fakes import FakeBackend
-from tests.server_proc import ROOT, ServerProcess, free_port, serve_in_thread
+from tests.server_proc import ROOT, ServerProcess, serve_in_thread
 from vbon import adapters as adapters_mod
 from vbon.adapters import AdapterMeta, staged_folder
 from vbon.sampling import Sampling

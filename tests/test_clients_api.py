@@ -27,11 +27,12 @@ from clients import (
     ServiceUnavailable,
 )
 from clients.cli import main as cli_main
+from clients.launch import free_port
 from server.app import create_app
 from server.settings import DEFAULT_ADAPTIVE, ServerSettings
 from tests.adapters_util import make_fake_adapter
 from tests.fakes import FakeBackend
-from tests.server_proc import free_port, serve_in_thread
+from tests.server_proc import serve_in_thread
 
 ROOT = Path(__file__).resolve().parent.parent
 MSGS = [{"role": "user", "content": "Continue: The film was"}]

@@ -16,8 +16,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from clients.launch import free_port
 from tests.adapters_util import make_peft_adapter
-from tests.server_proc import ServerProcess, VllmServeProcess, free_port
+from tests.server_proc import ServerProcess, VllmServeProcess
 from vbon.prompts import task_messages
 from vbon.rewards import load_reward
 

@@ -21,6 +21,7 @@ from server.app import create_app
 from server.remote_backend import RemoteBackend
 from server.settings import ServerSettings
 from tests.adapters_util import make_fake_adapter
+from tests.fakes import bos_tokenizer
 
 A, B = "http://replica-a:8000", "http://replica-b:8000"
 
@@ -232,25 +233,6 @@ def test_a_parameter_the_upstream_refuses_is_a_400_naming_it(
         assert client.get("/ready").status_code == 200
 
 
-def _bos_tokenizer(model: Path, folder: Path):
-    """The embedded model's tokenizer, made to add a BOS token as Llama-style ones do (as in
-    tests/test_server_api.py's local-engine test)."""
-    import shutil
-
-    from tokenizers import processors
-    from transformers import AutoTokenizer
-
-    folder.mkdir()
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(model / name, folder / name)
-    tok = AutoTokenizer.from_pretrained(folder)
-    bos = tok.convert_tokens_to_ids("<|im_start|>")
-    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
-        single="<|im_start|> $A", special_tokens=[("<|im_start|>", bos)]
-    )
-    return tok
-
-
 def test_prompt_tokens_are_counted_as_the_upstream_counts_them(
     tmp_path: Path, embedded_model: Path
 ) -> None:
@@ -263,7 +245,7 @@ def test_prompt_tokens_are_counted_as_the_upstream_counts_them(
     fake = FakeVLLM(str(embedded_model), {A: "ok"})
     client, backend = make_client(tmp_path, embedded_model, fake, max_model_len=64)
     with client:
-        tok = _bos_tokenizer(embedded_model, tmp_path / "bos-tokenizer")
+        tok = bos_tokenizer(embedded_model, tmp_path / "bos-tokenizer")
         backend()._tokenizer = tok
         assert backend().max_model_len == 64
         body = {"model": "smollm2-135m-instruct", "prompt": "a prompt of some words",

@@ -20,10 +20,11 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from clients.launch import free_port
 from server.app import create_app
 from server.settings import ServerSettings
 from tests.fakes import FakeBackend
-from tests.server_proc import VllmServeProcess, free_port, serve_in_thread
+from tests.server_proc import VllmServeProcess, serve_in_thread
 from vbon.errors import ConfigError
 from vbon.rewards import RemoteOptions, load_reward
 from vbon.rewards.base import RewardModel, reward_health

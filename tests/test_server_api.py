@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from server.app import create_app
 from server.settings import ServerSettings
 from tests.adapters_util import make_fake_adapter
-from tests.fakes import FakeBackend
+from tests.fakes import FakeBackend, bos_tokenizer
 
 
 def make_client(tmp_path: Path, backend: FakeBackend | None = None, **overrides) -> TestClient:
@@ -294,18 +294,18 @@ def test_reward_failure_is_a_clear_500(tmp_path: Path) -> None:
     assert r.json()["error"]["code"] == "reward_model_error"
 
 
-@pytest.mark.parametrize(
-    ("path", "body"),
-    [
-        ("/v1/completions", {"model": "fake-model", "prompt": "a", "stream": True}),
-        (
-            "/v1/chat/completions",
-            {"model": "fake-model", "messages": [{"role": "user", "content": "a"}],
-             "stream": True},
-        ),
-        ("/v1/vbon", {"prompt": "a", "stream": True}),
-    ],
-)
+# One streamed request per streaming route (the vBoN one needs an adapter named vbon-8).
+STREAM_REQUESTS = [
+    ("/v1/completions", {"model": "fake-model", "prompt": "a", "stream": True}),
+    (
+        "/v1/chat/completions",
+        {"model": "fake-model", "messages": [{"role": "user", "content": "a"}], "stream": True},
+    ),
+    ("/v1/vbon", {"prompt": "a", "stream": True}),
+]
+
+
+@pytest.mark.parametrize(("path", "body"), STREAM_REQUESTS)
 def test_every_stream_sheds_with_429_before_its_200(
     tmp_path: Path, path: str, body: dict
 ) -> None:
@@ -339,18 +339,7 @@ class RefusingStreamBackend(FakeBackend):
             self.running.discard(request_id)
 
 
-@pytest.mark.parametrize(
-    ("path", "body"),
-    [
-        ("/v1/completions", {"model": "fake-model", "prompt": "a", "stream": True}),
-        (
-            "/v1/chat/completions",
-            {"model": "fake-model", "messages": [{"role": "user", "content": "a"}],
-             "stream": True},
-        ),
-        ("/v1/vbon", {"prompt": "a", "stream": True}),
-    ],
-)
+@pytest.mark.parametrize(("path", "body"), STREAM_REQUESTS)
 def test_a_stream_the_engine_refuses_at_its_start_is_a_400_not_an_event_after_a_200(
     tmp_path: Path, path: str, body: dict
 ) -> None:
@@ -799,23 +788,12 @@ def test_prompt_tokens_are_counted_as_the_engine_counts_them(
     """A tokenizer that adds a BOS token: the gateway's count must equal the engine's (vLLM
     tokenizes text prompts with add_special_tokens=True), or the context check passes a prompt
     the engine then refuses."""
-    import shutil
-
-    from tokenizers import processors
-    from transformers import AutoTokenizer
     from vllm.renderers.params import TokenizeParams
 
     from server.backend import VLLMBackend
 
-    folder = tmp_path / "bos-tokenizer"
-    folder.mkdir()
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(embedded_model / name, folder / name)
-    tok = AutoTokenizer.from_pretrained(folder)
+    tok = bos_tokenizer(embedded_model, tmp_path / "bos-tokenizer")
     bos = tok.convert_tokens_to_ids("<|im_start|>")
-    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
-        single="<|im_start|> $A", special_tokens=[("<|im_start|>", bos)]
-    )
     text = "a prompt of some words"
     engine_ids = tok.encode(text, **TokenizeParams(max_total_tokens=1024).get_encode_kwargs())
     assert engine_ids[0] == bos  # the tokenizer does add a BOS
